@@ -38,7 +38,7 @@ def to_real(value: Any, name: str) -> float:
     Accepts Python and NumPy real numbers and any object with ``__float__`` that is not a bool
     (so 0-d arrays and 1-element tensors work).  Does not check finiteness.
     """
-    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+    if isinstance(value, (bool, str, bytes)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     if isinstance(value, numbers.Real):
         return float(value)
@@ -181,4 +181,6 @@ class AdamHyperParams:
             "decoupled_weight_decay",
             check_flag(self.decoupled_weight_decay, "decoupled_weight_decay"),
         )
-        object.__setattr__(self, "bias_correction", check_flag(self.bias_correction, "bias_correction"))
+        object.__setattr__(
+            self, "bias_correction", check_flag(self.bias_correction, "bias_correction")
+        )

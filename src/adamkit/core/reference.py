@@ -95,7 +95,9 @@ def ema(average: np.ndarray, new: np.ndarray, weight: float) -> np.ndarray:
     return fused_multiply_add(diff, -(1.0 - weight), new)
 
 
-def bias_corrections(step: int, beta1: float, beta2: float, enabled: bool = True) -> tuple[float, float]:
+def bias_corrections(
+    step: int, beta1: float, beta2: float, enabled: bool = True
+) -> tuple[float, float]:
     """Return ``(1 - beta1**step, sqrt(1 - beta2**step))`` in double precision.
 
     ``step`` is the 1-based index of the update being computed.  With ``enabled=False`` both are 1.
