@@ -47,6 +47,9 @@ def to_real(value: Any, name: str) -> float:
         size = value.numel() if hasattr(value, "numel") else None
     if size is not None and size != 1:
         raise ValueError(f"{name} must be a single number, got an array/tensor of {size} elements")
+    item = getattr(value, "item", None)
+    if size == 1 and callable(item):
+        value = item()  # float() refuses 1-d arrays of one element in NumPy >= 2
     try:
         return float(value)
     except (TypeError, ValueError):
