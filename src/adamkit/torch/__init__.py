@@ -1,0 +1,13 @@
+"""PyTorch front end: drop-in ``Adam``/``AdamW`` for ``torch.optim`` built on adamkit's core.
+
+``adamkit.torch.Adam(model.parameters(), lr=1e-3)`` behaves like ``torch.optim.Adam`` (same
+numbers on CPU, interchangeable state dicts, schedulers, ``GradScaler``, hooks), validates through
+:mod:`adamkit.core.config`, and can run the NumPy reference step (``impl="reference"``).
+:func:`param_groups_with_decay` builds the usual decay / no-decay groups.
+"""
+
+from adamkit.torch.functional import IMPLS, select_impl
+from adamkit.torch.optim import Adam, AdamW
+from adamkit.torch.param_groups import NO_DECAY_MODULES, param_groups_with_decay
+
+__all__ = ["IMPLS", "NO_DECAY_MODULES", "Adam", "AdamW", "param_groups_with_decay", "select_impl"]

@@ -1,0 +1,223 @@
+r"""One Adam step over lists of tensors, and the one function that chooses how it is computed.
+
+Every implementation has the same keyword-only signature (:data:`StepFn`) and updates ``params``,
+``exp_avgs``, ``exp_avg_sqs``, ``max_exp_avg_sqs`` and ``state_steps`` in place; ``grads`` are only
+read.  ``weight_decay`` is the *effective* coefficient (the optimizer turns
+``decay_mode="independent"`` into ``weight_decay / initial_lr``, see :mod:`adamkit.torch.optim`),
+so the math below is the whole story::
+
+    t  <- t + 1                                  (state_steps, float32 0-d tensors, like torch)
+    g  <- -g                                     if maximize
+    theta <- theta * (1 - lr * lambda)           decoupled decay (AdamW)
+    g  <- g + lambda * theta                     coupled L2 decay (Adam)
+    m  <- lerp(m, g, 1 - beta1)
+    v  <- beta2 * v + (1 - beta2) * g * g
+    v_max <- max(v_max, v)                       if amsgrad; v_max replaces v below
+    theta <- theta - (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+Implementations (``impl=``):
+
+- ``"torch"``: torch ops, op for op the same as ``torch.optim.adam._single_tensor_adam`` (what
+  ``torch.optim.Adam`` runs on CPU, and elsewhere with ``foreach=False``), so results are
+  bit-identical to it in every dtype (tested on CPU in float32, float64, bfloat16 and complex64);
+  device-agnostic; complex parameters are updated through ``torch.view_as_real`` like torch.
+- ``"reference"``: :func:`adamkit.kernels.adam_update_` on zero-copy ``tensor.numpy()`` views;
+  CPU float32/float64 tensors only.  This is how the NumPy reference (and later the fast NumPy
+  kernels) run under the torch front end.
+- ``"auto"``: today always ``"torch"``.  :func:`select_impl` is the single place to change that.
+
+Bias corrections are computed from the step count as a Python float (double precision) in eager
+mode.  While ``torch.compile`` traces, the count stays a tensor (reading it would break the graph)
+and the corrections are computed in float64 tensor arithmetic instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from adamkit.core.config import AdamHyperParams
+from adamkit.kernels import adam_update_
+
+__all__ = ["IMPLS", "StepFn", "adam_reference_", "adam_torch_", "select_impl"]
+
+IMPLS: tuple[str, ...] = ("auto", "torch", "reference")
+
+_REFERENCE_DTYPES = (torch.float32, torch.float64)
+
+
+class StepFn(Protocol):
+    """Signature shared by every implementation (all sequences have one entry per parameter)."""
+
+    def __call__(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        exp_avg_sqs: Sequence[Tensor],
+        max_exp_avg_sqs: Sequence[Tensor],
+        state_steps: Sequence[Tensor],
+        *,
+        lr: float | Tensor,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled_weight_decay: bool,
+        amsgrad: bool,
+        maximize: bool,
+    ) -> None: ...
+
+
+def _step_value(step_t: Tensor) -> float | Tensor:
+    # Eager: the count as a Python float, so the corrections below are double precision.
+    # Tracing: `.item()` would break the graph; float64 tensor arithmetic keeps the precision.
+    if torch.compiler.is_compiling():
+        return step_t.to(torch.float64)
+    return step_t.item()
+
+
+def adam_torch_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+) -> None:
+    """Adam step with torch ops (see the module docstring); any device, floating or complex dtype.
+
+    ``max_exp_avg_sqs`` has one tensor per parameter when ``amsgrad`` and is empty otherwise.
+    ``lr`` may be a float or a 0-d tensor (used as torch uses it, so a float32 tensor lr rounds
+    ``lr / (1 - beta1^t)`` to float32 exactly as ``torch.optim.Adam`` does).
+    """
+    if isinstance(lr, Tensor) and lr.dim() != 0:
+        lr = lr.squeeze()
+    for i, param in enumerate(params):
+        # New tensors, never in-place ops on the caller's gradient.
+        grad = grads[i] if not maximize else -grads[i]
+        exp_avg = exp_avgs[i]
+        exp_avg_sq = exp_avg_sqs[i]
+        max_exp_avg_sq = max_exp_avg_sqs[i] if amsgrad else None
+        step_t = state_steps[i]
+        step_t += 1
+
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                param.mul_(1 - lr * weight_decay)
+            else:
+                grad = grad.add(param, alpha=weight_decay)
+
+        if torch.is_complex(param):
+            grad = torch.view_as_real(grad)
+            exp_avg = torch.view_as_real(exp_avg)
+            exp_avg_sq = torch.view_as_real(exp_avg_sq)
+            if max_exp_avg_sq is not None:
+                max_exp_avg_sq = torch.view_as_real(max_exp_avg_sq)
+            param = torch.view_as_real(param)
+
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+        step = _step_value(step_t)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        step_size = lr / bias_correction1
+
+        if max_exp_avg_sq is not None:
+            torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+            denom = (max_exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        else:
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def _numpy_view(tensor: Tensor) -> np.ndarray:
+    # Shares memory with `tensor` (strides included), so writes land in the tensor.
+    return tensor.detach().numpy()
+
+
+def adam_reference_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+) -> None:
+    """Adam step by :func:`adamkit.kernels.adam_update_` on NumPy views of the tensors.
+
+    Tensors must be on the CPU with dtype float32 or float64 (:func:`select_impl` checks this);
+    ``lr`` is used as a Python float.
+    """
+    if not params:
+        return
+    hp = AdamHyperParams(
+        lr=float(lr),
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+    )
+    steps = []
+    for step_t in state_steps:
+        step_t += 1
+        steps.append(int(step_t.item()))
+    adam_update_(
+        [_numpy_view(p) for p in params],
+        [_numpy_view(g) for g in grads],
+        [_numpy_view(m) for m in exp_avgs],
+        [_numpy_view(v) for v in exp_avg_sqs],
+        [_numpy_view(v) for v in max_exp_avg_sqs] if amsgrad else [None] * len(params),
+        steps,
+        hp,
+        impl="reference",
+    )
+
+
+_IMPLEMENTATIONS: dict[str, StepFn] = {"torch": adam_torch_, "reference": adam_reference_}
+
+
+def select_impl(impl: str, params: Sequence[Tensor]) -> StepFn:
+    """Return the step function for ``impl`` and one group's ``params``; the one point of choice.
+
+    Raises ``ValueError`` naming ``impl`` when it is unknown or cannot run on these tensors
+    (``"reference"`` needs CPU float32/float64 tensors).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    if impl == "auto":
+        return adam_torch_
+    if impl == "reference":
+        for p in params:
+            if p.device.type != "cpu" or p.dtype not in _REFERENCE_DTYPES:
+                raise ValueError(
+                    f"impl='reference' needs CPU float32/float64 tensors, got a {p.dtype} "
+                    f"tensor on {p.device}; use impl='torch' or impl='auto'"
+                )
+    return _IMPLEMENTATIONS[impl]

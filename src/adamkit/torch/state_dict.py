@@ -1,0 +1,150 @@
+"""Checks that a state_dict fits an optimizer before anything is loaded, and the state layout.
+
+State per parameter, with torch's key names so checkpoints are interchangeable with
+``torch.optim.Adam``/``AdamW`` in both directions:
+
+=================  ===========================================  ==============================
+key                meaning                                       dtype / shape / device
+=================  ===========================================  ==============================
+``step``           number of updates applied (t)                 float32 0-d tensor on the CPU
+                                                                 (float64 when torch's default
+                                                                 dtype is float64, like torch)
+``exp_avg``        first moment m                                the parameter's
+``exp_avg_sq``     second moment v                               the parameter's
+``max_exp_avg_sq`` running max of v (only with ``amsgrad``)       the parameter's
+=================  ===========================================  ==============================
+
+``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype and does
+not compare anything but group sizes, so :func:`check_state_dict` compares everything first (group
+count and sizes, parameter names when both sides have them, hyper-parameters, state keys, shapes
+and dtypes) and raises ``ValueError``/``TypeError`` before the optimizer is touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from adamkit.torch._groups import check_group
+
+__all__ = ["ADAMKIT_GROUP_KEYS", "check_state_dict", "scalar_dtype", "step_tensor"]
+
+# Group settings that torch.optim.Adam does not have; a torch checkpoint lacks them, and loading
+# one keeps this optimizer's values for them.
+ADAMKIT_GROUP_KEYS: tuple[str, ...] = ("impl", "decay_mode", "construction_lr")
+
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def scalar_dtype() -> torch.dtype:
+    """dtype of ``state["step"]``: float64 if torch's default dtype is float64, else float32."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def step_tensor(value: float) -> torch.Tensor:
+    """A CPU 0-d ``step`` tensor holding ``value`` (torch keeps it on the CPU unless capturable)."""
+    return torch.tensor(float(value), dtype=scalar_dtype())
+
+
+def _step_number(value: Any, where: str) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{where}: step must be a single number, got shape {value.shape}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where}: step must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0 and float(value).is_integer()):
+        raise ValueError(f"{where}: step must be a whole number >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_param_state(param: torch.Tensor, state: Any, amsgrad: bool, where: str) -> None:
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{where}: state must be a dict, got {type(state).__name__}")
+    if len(state) == 0:
+        return
+    required = ("step", *_MOMENTS) + (("max_exp_avg_sq",) if amsgrad else ())
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise ValueError(f"{where}: state lacks {missing} (amsgrad={amsgrad})")
+    _step_number(state["step"], where)
+    for key in (*_MOMENTS, "max_exp_avg_sq"):
+        if key not in state:
+            continue
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{where}: {key} must be a tensor, got {type(value).__name__}")
+        if value.shape != param.shape:
+            raise ValueError(
+                f"{where}: {key} has shape {tuple(value.shape)}, the parameter has "
+                f"{tuple(param.shape)}"
+            )
+        if value.dtype != param.dtype:
+            raise ValueError(
+                f"{where}: {key} has dtype {value.dtype}, the parameter has {param.dtype} "
+                "(torch would cast it silently; convert the checkpoint explicitly if intended)"
+            )
+
+
+def _check_names(index: int, ours: dict[str, Any], saved: dict[str, Any]) -> None:
+    if "param_names" not in ours or "param_names" not in saved:
+        return
+    for position, (mine, theirs) in enumerate(
+        zip(ours["param_names"], saved["param_names"], strict=True)
+    ):
+        if mine != theirs:
+            raise ValueError(
+                f"param group {index}, parameter {position}: the state dict is for {theirs!r}, "
+                f"this optimizer has {mine!r} (was the checkpoint written for another model?)"
+            )
+
+
+def check_state_dict(optimizer: torch.optim.Optimizer, state_dict: Any) -> None:
+    """Raise ``ValueError``/``TypeError`` unless ``state_dict`` fits ``optimizer`` exactly.
+
+    Checks, in order: the two top-level entries; the number of groups and of parameters per
+    group; parameter names (where both sides have them); each group's hyper-parameters (keys
+    missing from the state dict, like adamkit's own in a torch checkpoint, count with the
+    optimizer's current values); every state entry (known parameter, keys, step, shapes and
+    dtypes equal to the parameter's).  Modifies nothing.
+    """
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
+        raise TypeError("state_dict must be a dict with entries 'state' and 'param_groups'")
+    groups = optimizer.param_groups
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(groups):
+        raise ValueError(
+            f"the state dict has {len(saved_groups)} parameter groups, this optimizer has "
+            f"{len(groups)}"
+        )
+    id_to_param: dict[Any, tuple[torch.Tensor, bool, str]] = {}
+    for index, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
+        if not isinstance(saved, Mapping) or "params" not in saved:
+            raise TypeError(f"param group {index} in the state dict must be a dict with 'params'")
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"param group {index} has {len(saved['params'])} parameters in the state dict, "
+                f"{len(group['params'])} in this optimizer"
+            )
+        _check_names(index, group, saved)
+        merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+        try:
+            check_group(merged)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"param group {index} in the state dict: {error}") from None
+        names = group.get("param_names") or saved.get("param_names")
+        for position, (param_id, param) in enumerate(
+            zip(saved["params"], group["params"], strict=True)
+        ):
+            label = f"param group {index}, parameter {position}"
+            if names:
+                label += f" ({names[position]!r})"
+            id_to_param[param_id] = (param, bool(merged["amsgrad"]), label)
+    for param_id, state in state_dict["state"].items():
+        if param_id not in id_to_param:
+            raise ValueError(f"the state dict has state for an unknown parameter id {param_id!r}")
+        param, amsgrad, label = id_to_param[param_id]
+        _check_param_state(param, state, amsgrad, label)
