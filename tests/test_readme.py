@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,3 +31,15 @@ def test_constraints_pin_the_cpu_torch_but_the_library_range_stays_loose():
     assert re.search(r"^torch==2\.13\.0$", constraints, flags=re.M)
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert "torch==" not in pyproject
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    """Every ```python block of the README runs as written."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        if "import keras" in block or "adamkit.keras" in block:
+            pytest.importorskip("keras")
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
