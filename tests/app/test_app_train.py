@@ -77,6 +77,7 @@ def test_default_run_end_to_end(isolated, run_cli):
         "seed": 0,
         "out": str(run_dir.relative_to(isolated)),
         "compare": [],
+        "framework": "torch",
     }
     assert set(document["versions"]) >= {"python", "torch", "numpy", "adamkit"}
     assert document["data"]["train_size"] == 1437 and document["data"]["test_size"] == 360

@@ -1,9 +1,10 @@
 """Command-line arguments of ``adamkit`` (and ``python -m adamkit``); nothing else lives here.
 
 ``adamkit train`` trains the Keras MNIST example's MLP and writes config.json, metrics.csv,
-curves.png and checkpoint.pt; ``adamkit bench`` is provided by ``adamkit.app.bench`` when that
-module is installed.  Exit status: 0 success, 2 bad usage or input (one line on stderr, never a
-traceback), 130 interrupted by Ctrl-C (after writing a checkpoint).
+curves.png and checkpoint.pt (checkpoint.keras with ``--framework keras``); ``adamkit bench`` is
+provided by ``adamkit.app.bench`` when that module is installed.  Exit status: 0 success, 2 bad
+usage or input (one line on stderr, never a traceback), 130 interrupted by Ctrl-C (after writing a
+checkpoint).
 
 Options are declared in groups (data, optimizer, run).  Each option's ``dest`` is a
 ``TrainConfig`` field name and its parser default is ``None`` ("not given"), so
@@ -21,9 +22,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from adamkit import __version__
-from adamkit.app.config import COMMON_DEFAULTS, DATASET_DEFAULTS, DATASETS, TrainConfig
+from adamkit.app.config import (
+    COMMON_DEFAULTS,
+    DATASET_DEFAULTS,
+    DATASETS,
+    FRAMEWORKS,
+    TrainConfig,
+)
 from adamkit.app.errors import AppError
-from adamkit.app.optimizers import OPTIMIZERS
+from adamkit.app.optimizers import KERAS_OPTIMIZERS, OPTIMIZERS
 
 __all__ = ["build_parser", "config_from_args", "configure_train_parser", "main"]
 
@@ -68,10 +75,19 @@ def _add_optimizer_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimizer")
     group.add_argument(
         "--optimizer",
-        choices=list(OPTIMIZERS),
+        choices=list(dict.fromkeys([*OPTIMIZERS, *KERAS_OPTIMIZERS])),
         help="optimizer: "
         + "; ".join(f"{name} = {spec.description}" for name, spec in OPTIMIZERS.items())
+        + "; with --framework keras: "
+        + "; ".join(f"{name} = {spec.description}" for name, spec in KERAS_OPTIMIZERS.items())
         + f" (default: {COMMON_DEFAULTS['optimizer']})",
+    )
+    group.add_argument(
+        "--framework",
+        choices=list(FRAMEWORKS),
+        help="framework: "
+        + "; ".join(f"{name} = {text}" for name, text in FRAMEWORKS.items())
+        + f" (default: {COMMON_DEFAULTS['framework']})",
     )
     group.add_argument(
         "--lr",
@@ -119,13 +135,16 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--out",
         metavar="DIR",
-        help="output folder for config.json, metrics.csv, curves.png, checkpoint.pt (default: "
-        "runs/<dataset>-<optimizer>-<timestamp>; with --resume, the checkpoint's folder)",
+        help="output folder for config.json, metrics.csv, curves.png, checkpoint.pt or "
+        "checkpoint.keras (default: runs/<dataset>-<optimizer>-<timestamp>, "
+        "runs/<dataset>-keras-<optimizer>-<timestamp> with --framework keras; with --resume, "
+        "the checkpoint's folder)",
     )
     group.add_argument(
         "--resume",
         metavar="CKPT",
-        help="continue the run saved in CKPT (a checkpoint.pt) exactly where it stopped; "
+        help="continue the run saved in CKPT (a checkpoint.pt, or a checkpoint.keras of "
+        "--framework keras) exactly where it stopped; "
         "settings come from the checkpoint, only --epochs, --out and --data-dir may change "
         "(default: start a new run)",
     )
@@ -151,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train an MLP on digits / MNIST / Fashion-MNIST and plot its curves",
         description="Train the Keras MNIST example (flatten -> Dense 128 + ReLU -> Dense 10, "
         "cross-entropy on logits, Adam lr 1e-3) and write config.json, metrics.csv, "
-        "curves.png and checkpoint.pt to --out. Exit status: 0 done, 2 bad usage or data, "
+        "curves.png and checkpoint.pt (checkpoint.keras with --framework keras) to --out. "
+        "Exit status: 0 done, 2 bad usage or data, "
         "130 interrupted (Ctrl-C writes a checkpoint first; resume with --resume).",
     )
     configure_train_parser(train)

@@ -26,6 +26,7 @@ __all__ = [
     "COMMON_DEFAULTS",
     "DATASETS",
     "DATASET_DEFAULTS",
+    "FRAMEWORKS",
     "RESUME_MAY_CHANGE",
     "TrainConfig",
     "build_config",
@@ -41,8 +42,21 @@ DATASETS: dict[str, str] = {
     "mnist": "MNIST, 28x28 (IDX or mnist.npz; downloaded and checksummed if absent)",
 }
 
+#: Frameworks ``--framework`` accepts, with a one-line description for ``--help``.
+FRAMEWORKS: dict[str, str] = {
+    "torch": "PyTorch (adamkit.torch; checkpoint.pt)",
+    "keras": "Keras 3 on $KERAS_BACKEND, torch if unset, jax works too (adamkit.keras; "
+    "checkpoint.keras; pip install adamkit[keras])",
+}
+
 #: Defaults shared by every data set (the Keras MNIST example: MLP 128, Adam lr 1e-3).
-COMMON_DEFAULTS: dict[str, Any] = {"optimizer": "adamkit", "lr": 1e-3, "hidden": 128, "seed": 0}
+COMMON_DEFAULTS: dict[str, Any] = {
+    "optimizer": "adamkit",
+    "lr": 1e-3,
+    "hidden": 128,
+    "seed": 0,
+    "framework": "torch",
+}
 
 #: Per-data-set defaults.  MNIST-format data uses the Keras example's 5 epochs of batch 256.
 #: The digits set is 40 times smaller (1437 training images), so it needs more, smaller steps:
@@ -63,6 +77,7 @@ class TrainConfig:
     ``optimizer`` names the single optimizer of a run; ``compare`` (non-empty) lists several that
     are trained one after the other from the same initial weights and data order.  ``out`` is the
     output folder; ``data_dir`` is ``None`` to search the usual places (see ``data.py``).
+    ``framework`` is ``"torch"`` or ``"keras"`` (see ``keras_train.py``).
     """
 
     dataset: str = "digits"
@@ -75,6 +90,7 @@ class TrainConfig:
     seed: int = COMMON_DEFAULTS["seed"]
     out: str = ""
     compare: tuple[str, ...] = field(default_factory=tuple)
+    framework: str = COMMON_DEFAULTS["framework"]
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (not validated; call :func:`validate`)."""
@@ -119,16 +135,22 @@ def validate(config: TrainConfig) -> TrainConfig:
 
     Messages name the command-line flag, echo the value and state the allowed range.
     """
-    from adamkit.app.optimizers import OPTIMIZERS
+    from adamkit.app.optimizers import optimizer_table
 
     if config.dataset not in DATASETS:
         raise UsageError(f"--dataset must be one of {', '.join(DATASETS)}, got {config.dataset!r}")
+    if config.framework not in FRAMEWORKS:
+        raise UsageError(
+            f"--framework must be one of {', '.join(FRAMEWORKS)}, got {config.framework!r}"
+        )
+    table = optimizer_table(config.framework)
     names = config.compare or (config.optimizer,)
     for name in names:
-        if name not in OPTIMIZERS:
+        if name not in table:
             flag = "--compare" if config.compare else "--optimizer"
+            where = "" if config.framework == "torch" else f" for --framework {config.framework}"
             raise UsageError(
-                f"{flag}: unknown optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})"
+                f"{flag}: unknown optimizer {name!r}{where} (choose from {', '.join(table)})"
             )
     if len(set(names)) != len(names):
         raise UsageError(f"--compare lists an optimizer twice: {','.join(names)}")

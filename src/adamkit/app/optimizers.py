@@ -4,6 +4,10 @@ Importing this module imports no framework; each factory imports what it needs w
 ``--help`` and argument checking stay fast and ``adamkit.torch`` is loaded only if used.
 A factory receives the model's parameters and the whole run configuration, so options added
 later (``--state``, ``--guard``) reach the optimizer without changing this interface.
+
+``--framework keras`` has its own table, :data:`KERAS_OPTIMIZERS`, whose factories receive only
+the configuration (Keras optimizers find their variables when ``fit`` builds them); the same
+names mean the same algorithm and settings in both tables.  :func:`optimizer_table` picks one.
 """
 
 from __future__ import annotations
@@ -16,7 +20,14 @@ if TYPE_CHECKING:
 
     from adamkit.app.config import TrainConfig
 
-__all__ = ["OPTIMIZERS", "OptimizerSpec", "make_optimizer"]
+__all__ = [
+    "KERAS_OPTIMIZERS",
+    "OPTIMIZERS",
+    "KerasOptimizerSpec",
+    "OptimizerSpec",
+    "make_optimizer",
+    "optimizer_table",
+]
 
 Factory = Callable[[Iterable[Any], "TrainConfig"], "torch.optim.Optimizer"]
 
@@ -66,6 +77,61 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "torch-adamw": OptimizerSpec("torch.optim.AdamW (weight_decay 0.01)", _torch_adamw),
     "sgd": OptimizerSpec("torch.optim.SGD with momentum 0.9", _sgd),
 }
+
+
+class KerasOptimizerSpec(NamedTuple):
+    """A ``--optimizer`` choice of ``--framework keras``: description and ``factory(config)``."""
+
+    description: str
+    factory: Callable[[TrainConfig], Any]  # -> keras.optimizers.Optimizer
+
+
+def _keras_adamkit_adam(config: TrainConfig) -> Any:
+    from adamkit.keras import Adam
+
+    return Adam(learning_rate=config.lr)
+
+
+def _keras_adamkit_adamw(config: TrainConfig) -> Any:
+    from adamkit.keras import AdamW
+
+    return AdamW(learning_rate=config.lr)
+
+
+def _keras_adam(config: TrainConfig) -> Any:
+    import keras
+
+    return keras.optimizers.Adam(learning_rate=config.lr)
+
+
+def _keras_sgd(config: TrainConfig) -> Any:
+    import keras
+
+    # Momentum 0.9, as the torch path's sgd.
+    return keras.optimizers.SGD(learning_rate=config.lr, momentum=0.9)
+
+
+KERAS_OPTIMIZERS: dict[str, KerasOptimizerSpec] = {
+    "adamkit": KerasOptimizerSpec(
+        "adamkit.keras.Adam (betas 0.9, 0.999, eps 1e-8)", _keras_adamkit_adam
+    ),
+    "adamkit-adamw": KerasOptimizerSpec(
+        "adamkit.keras.AdamW (weight_decay 0.01)", _keras_adamkit_adamw
+    ),
+    "keras-adam": KerasOptimizerSpec(
+        "keras.optimizers.Adam at Keras's defaults (epsilon-hat 1e-7), for comparison",
+        _keras_adam,
+    ),
+    "sgd": KerasOptimizerSpec("keras.optimizers.SGD with momentum 0.9", _keras_sgd),
+}
+
+
+def optimizer_table(framework: str) -> dict[str, Any]:
+    """The ``--optimizer`` table of ``framework`` (``"torch"`` or ``"keras"``).
+
+    Raises ``KeyError`` for another framework (the CLI checks it first).
+    """
+    return {"torch": OPTIMIZERS, "keras": KERAS_OPTIMIZERS}[framework]
 
 
 def make_optimizer(name: str, params: Iterable[Any], config: TrainConfig) -> torch.optim.Optimizer:

@@ -10,6 +10,9 @@ comparison and a ``curves.png`` with one colour per optimizer.  Every optimizer 
 same initial weights (the model is rebuilt after re-seeding) and sees the same data order (a
 shuffle generator seeded the same way), so each sub-run equals a single run with that optimizer.
 
+``--framework keras`` trains the same MLP through Keras 3 and writes the same files, with
+``checkpoint.keras`` as the checkpoint; ``keras_train.py`` lists the differences.
+
 Ctrl-C (SIGINT) asks the loop to stop after the current batch; the checkpoint is written, the
 command to resume is printed and the exit status is 130.  A second Ctrl-C stops at once, keeping
 the checkpoint of the last finished epoch.
@@ -40,12 +43,16 @@ __all__ = ["EXIT_INTERRUPTED", "EXIT_OK", "default_out", "prepare_out", "run"]
 EXIT_OK = 0
 EXIT_INTERRUPTED = 130
 CONFIG_FORMAT = "adamkit.train-config"
-_RUN_FILES = ("checkpoint.pt", "metrics.csv")
+#: The checkpoint file of each framework.
+CHECKPOINT_FILES = {"torch": "checkpoint.pt", "keras": "checkpoint.keras"}
+_RUN_FILES = (*CHECKPOINT_FILES.values(), "metrics.csv")
 
 
 def default_out(config: TrainConfig, root: str = "runs") -> str:
     """``runs/<dataset>-<optimizer or 'compare'>-<timestamp>``, made unique with a suffix."""
     label = "compare" if config.compare else config.optimizer
+    if config.framework != "torch":
+        label = f"{config.framework}-{label}"
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(root) / f"{config.dataset}-{label}-{stamp}"
     candidate, n = base, 1
@@ -65,9 +72,10 @@ def prepare_out(out: str, run_dirs: Sequence[Path], resuming: bool) -> list[Path
     created = [d for d in dict.fromkeys([Path(out), *run_dirs]) if not d.exists()]
     for folder in run_dirs:
         if not resuming and any((folder / name).exists() for name in _RUN_FILES):
+            saved = [folder / n for n in CHECKPOINT_FILES.values() if (folder / n).exists()]
             raise UsageError(
                 f"--out {out}: {folder} already holds a run; choose another --out, or continue "
-                f"it with --resume {folder / 'checkpoint.pt'}"
+                f"it with --resume {saved[0] if saved else folder / 'checkpoint.pt'}"
             )
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -173,9 +181,14 @@ def _print_header(config: TrainConfig, dataset: Any, out: str, stream: TextIO) -
         file=stream,
     )
     shape = "x".join(str(n) for n in dataset.image_shape)
+    loss = "cross-entropy on the logits"
+    if config.framework == "keras":
+        from adamkit.app.keras_train import describe_keras
+
+        print(f"  framework: {describe_keras()}", file=stream)
+        loss = "softmax, sparse categorical cross-entropy"
     print(
-        f"  model: flatten {shape} -> Dense {config.hidden} + ReLU -> Dense 10, cross-entropy "
-        "on the logits",
+        f"  model: flatten {shape} -> Dense {config.hidden} + ReLU -> Dense 10, {loss}",
         file=stream,
     )
     print(f"  output: {out}", file=stream, flush=True)
@@ -208,6 +221,13 @@ def _train_one(session: _Session, name: str, run_dir: Path, prefix: str) -> Any:
 
     Raises ``TrainingInterrupted`` (Ctrl-C, checkpoint written) or ``KeyboardInterrupt``.
     """
+    if session.config.framework == "keras":
+        from adamkit.app.keras_train import build_trainer
+
+        keras_trainer = build_trainer(session, name, run_dir, prefix)
+        with _stop_on_sigint(keras_trainer.request_stop), _torch_threads(1):
+            keras_trainer.run()
+        return keras_trainer
     import torch
 
     from adamkit.app.checkpoint import CheckpointWriter, restore_training
@@ -272,7 +292,10 @@ def run(
     stderr = stderr or sys.stderr
     payload = None
     if resume is not None:
-        from adamkit.app.checkpoint import load_checkpoint
+        if Path(resume).suffix == ".keras":
+            from adamkit.app.keras_train import read_checkpoint as load_checkpoint
+        else:
+            from adamkit.app.checkpoint import load_checkpoint
 
         payload = load_checkpoint(resume)
         config = resume_config(payload["config"], explicit)
@@ -288,6 +311,10 @@ def run(
         config = build_config(explicit)
         if not config.out:
             config = config.replace(out=default_out(config))
+    if config.framework == "keras":
+        from adamkit.app.keras_train import require_keras
+
+        require_keras()  # exit 2 naming what to install, before any folder is made
     created = prepare_out(config.out, _run_dirs(config), resuming=resume is not None)
     try:
         return _run_all(config, payload, resume, argv, stdout, stderr)
@@ -325,6 +352,10 @@ def _run_all(
         torch.from_numpy(dataset.y_test),
     )
     versions = get_versions()
+    if config.framework == "keras":
+        from adamkit.app.keras_train import keras_versions
+
+        versions.update(keras_versions())
     document = _config_document(config, dataset, versions, argv, resume)
     session = _Session(
         config, tensors, dataset.image_shape, document, versions, payload, resume, stdout
@@ -349,7 +380,8 @@ def _run_all(
             trainer = _train_one(session, name, run_dir, prefix)
         except (TrainingInterrupted, KeyboardInterrupt) as exc:
             rest = [n for n in names if n != name and n not in histories]
-            return _interrupted(exc, run_dir / "checkpoint.pt", rest, stderr)
+            checkpoint = run_dir / CHECKPOINT_FILES[config.framework]
+            return _interrupted(exc, checkpoint, rest, stderr)
         histories[name] = trainer.history
         final = trainer.history[-1]
         print(
