@@ -97,15 +97,29 @@ def adam_torch_(
     decoupled_weight_decay: bool,
     amsgrad: bool,
     maximize: bool,
-) -> None:
+    update_clip: str | None = None,
+    rms_threshold: float = 1.0,
+    atan2_a: float = 1.27,
+    atan2_b: float = 1.0,
+) -> list[float]:
     """Adam step with torch ops (see the module docstring); any device, floating or complex dtype.
 
     ``max_exp_avg_sqs`` has one tensor per parameter when ``amsgrad`` and is empty otherwise.
     ``lr`` may be a float or a 0-d tensor (used as torch uses it, so a float32 tensor lr rounds
     ``lr / (1 - beta1^t)`` to float32 exactly as ``torch.optim.Adam`` does).
+
+    ``update_clip`` is the stability guard's per-tensor update rule, the torch twin of
+    :func:`adamkit.guard.reference.clipped_adam_step`: ``None`` (default) is plain Adam above,
+    op for op; ``"rms"`` (StableAdamW) runs each tensor with ``lr * s``,
+    ``s = 1 / max(1, RMS / rms_threshold)``, ``RMS = sqrt(mean(g^2 / max(v_hat, eps^2)))``
+    (decoupled decay uses the clipped lr too; ``s`` is read with ``.item()``, one device sync per
+    tensor); ``"atan2"`` (Adam-atan2) moves ``theta`` by ``-lr * atan2_a * atan2(m_hat,
+    atan2_b * sqrt(v_hat))`` and ignores ``eps``.  Returns the per-tensor factors ``s`` for
+    ``"rms"``, an empty list otherwise.
     """
     if isinstance(lr, Tensor) and lr.dim() != 0:
         lr = lr.squeeze()
+    factors: list[float] = []
     for i, param in enumerate(params):
         # New tensors, never in-place ops on the caller's gradient.
         grad = grads[i] if not maximize else -grads[i]
@@ -117,7 +131,8 @@ def adam_torch_(
 
         if weight_decay != 0:
             if decoupled_weight_decay:
-                param.mul_(1 - lr * weight_decay)
+                if update_clip != "rms":  # "rms" decays with the clipped lr, known further down
+                    param.mul_(1 - lr * weight_decay)
             else:
                 grad = grad.add(param, alpha=weight_decay)
 
@@ -137,12 +152,40 @@ def adam_torch_(
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         step_size = lr / bias_correction1
 
+        second = exp_avg_sq
         if max_exp_avg_sq is not None:
             torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-            denom = (max_exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        else:
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            second = max_exp_avg_sq
+        if update_clip == "atan2":
+            v_hat_sqrt = second.sqrt() / bias_correction2_sqrt
+            update = torch.atan2(exp_avg / bias_correction1, v_hat_sqrt.mul_(atan2_b))
+            param.add_(update.mul_(atan2_a), alpha=-lr)
+            continue
+        if update_clip == "rms":
+            factor = _rms_lr_factor(grad, second, 1 - beta2**step, eps, rms_threshold)
+            factors.append(factor)
+            clipped_lr = lr * factor if factor < 1.0 else lr
+            if weight_decay != 0 and decoupled_weight_decay:
+                param.mul_(1 - clipped_lr * weight_decay)
+            step_size = clipped_lr / bias_correction1
+        denom = (second.sqrt() / bias_correction2_sqrt).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-step_size)
+    return factors
+
+
+def _rms_lr_factor(
+    grad: Tensor, second: Tensor, bias_correction2: float | Tensor, eps: float, threshold: float
+) -> float:
+    # StableAdamW's factor 1 / max(1, RMS / threshold), as adamkit.guard.update.rms_ratio: at
+    # least float32 (bf16 would make the mean meaningless), and 0/0 elements count as 0.
+    if grad.numel() == 0:
+        return 1.0
+    dtype = torch.promote_types(grad.dtype, torch.float32)
+    g2 = grad.to(dtype).square()
+    v_hat = (second.to(dtype) / bias_correction2).clamp_(min=eps * eps)
+    ratio = torch.where(g2 == 0, 0.0, g2 / v_hat)
+    rms = ratio.mean().sqrt().item() / threshold
+    return 1.0 / rms if rms > 1.0 else 1.0
 
 
 def _numpy_view(tensor: Tensor) -> np.ndarray:

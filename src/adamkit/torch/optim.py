@@ -2,7 +2,8 @@ r"""``Adam`` and ``AdamW`` as ``torch.optim.Optimizer`` subclasses (drop-ins for
 
 The classes only keep books: validate settings (through :mod:`adamkit.core.config`), create state
 lazily, check state dicts, and hand each group to the step function that
-:func:`adamkit.torch.functional.select_impl` picks.  The math is in :mod:`adamkit.torch.functional`.
+:func:`adamkit.torch.functional.select_impl` picks.  The math is in :mod:`adamkit.torch.functional`;
+the stability guard (``guard=``) is run by :class:`adamkit.torch.guarded.TorchGuard`.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adamkit.guard import Guard, GuardConfig, StepPlan, resolve_guard
 from adamkit.torch._groups import (
     EXTRA_KEYS,
     TORCH_SWITCHES,
     check_group,
     effective_weight_decay,
 )
-from adamkit.torch.functional import StepFn, select_impl
+from adamkit.torch.functional import StepFn, adam_torch_, select_impl
+from adamkit.torch.guarded import TorchGuard, adam_numpy_clipped_
 from adamkit.torch.state_dict import ADAMKIT_GROUP_KEYS, check_state_dict, step_tensor
 
 __all__ = ["Adam", "AdamW"]
@@ -68,6 +71,25 @@ class Adam(torch.optim.Optimizer):
         decoupled_weight_decay: AdamW's decay instead of L2 in the gradient.
         decay_mode: ``"lr_scaled"`` or ``"independent"`` (the latter needs decoupled decay).
         impl: ``"auto"``, ``"torch"`` or ``"reference"``; see :mod:`adamkit.torch.functional`.
+        guard: the stability guard (:class:`adamkit.guard.GuardConfig` lists every behaviour).
+            ``True`` (default) or ``"default"``: skip steps whose gradients hold NaN/Inf (the
+            only difference from ``torch.optim.Adam``, which would poison its state; costs one
+            norm over the gradients per step); ``"all"``: every behaviour with its defaults; a
+            dict of options (optionally with ``"preset": "all"``) or a ``GuardConfig``;
+            ``False``/``None``/``"off"``: no guard, exactly ``torch.optim.Adam``.
+
+    Guarded steps: ``step(closure=None, *, loss=None)`` gives the guard the step's loss (the
+    closure's value, or ``loss=``) for loss-spike handling.  A skipped step changes nothing:
+    parameters, moments and ``step`` counts stay bit-identical.  ``step()`` returns the closure's
+    value like torch; :attr:`last_step_applied` says whether the update was applied and
+    :attr:`guard_diagnostics` what happened (norms, counters).  ``param_groups`` are never
+    changed by the guard (an lr factor or a gradient scale applies to one step only), so lr
+    schedulers stepped after a skipped step neither warn nor drift.  The guard's state, and the
+    rollback snapshot's tensors when there is one, are saved under ``state_dict()["guard"]``
+    (``torch.optim.Adam`` ignores the entry), so resuming is exact.  While ``torch.compile``
+    traces ``step`` (``torch.compile(opt.step, fullgraph=True)``) the guard is bypassed, since
+    its decisions are Python branches on tensor values: a compiled step is an unguarded step, and
+    the counters do not move.  Compile the model, not the optimizer step, to keep the guard.
 
     State per parameter: see :mod:`adamkit.torch.state_dict` (torch's keys and dtypes, so state
     dicts load into ``torch.optim.Adam``/``AdamW`` and back).  Raises ``ValueError``/``TypeError``
@@ -90,7 +112,9 @@ class Adam(torch.optim.Optimizer):
         decoupled_weight_decay: bool = False,
         decay_mode: str = "lr_scaled",
         impl: str = "auto",
+        guard: Any = True,
     ) -> None:
+        config = resolve_guard(guard)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -105,6 +129,32 @@ class Adam(torch.optim.Optimizer):
         }
         defaults.update(check_group(defaults))
         super().__init__(params, defaults)
+        self._guard: TorchGuard | None = None if config is None else TorchGuard(config)
+        self.last_step_applied = True
+
+    @property
+    def guard(self) -> Guard | None:
+        """The :class:`~adamkit.guard.Guard` (config, counters), or ``None`` without a guard."""
+        return None if self._guard is None else self._guard.guard
+
+    @property
+    def guard_diagnostics(self) -> dict[str, Any] | None:
+        """What the last step did, as a plain dict of Python scalars (``action``, ``applied``,
+        ``skipped``, ``grad_norm``, ``update_norm``, ``update_ratio``, ..., and the cumulative
+        ``n_*`` counters; see :attr:`adamkit.guard.Guard.diagnostics`); ``None`` without a
+        guard."""
+        return None if self._guard is None else self._guard.guard.diagnostics
+
+    @property
+    def guard_snapshot_nbytes(self) -> int:
+        """Bytes held by the guard's rollback snapshot (0 without one)."""
+        return 0 if self._guard is None else self._guard.snapshot_nbytes
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_guard"] = self._guard
+        state["last_step_applied"] = self.last_step_applied
+        return state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (torch's semantics), after validating its settings.
@@ -133,7 +183,12 @@ class Adam(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch calls this from load_state_dict with only state and param_groups: keep the guard.
+        # An object pickled before adamkit had a guard gets the default one.
+        if "_guard" not in self.__dict__ and "_guard" not in state:
+            state = {**state, "_guard": TorchGuard(GuardConfig())}
         super().__setstate__(state)
+        self.__dict__.setdefault("last_step_applied", True)
         for group in self.param_groups:
             for key, value in TORCH_SWITCHES.items():
                 group.setdefault(key, value)
@@ -142,18 +197,32 @@ class Adam(torch.optim.Optimizer):
                 if p_state and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = step_tensor(float(p_state["step"]))
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict (``state``, ``param_groups``) plus, with a guard, ``"guard"``: its
+        counters and statistics and the rollback snapshot's tensors (see
+        :meth:`adamkit.torch.guarded.TorchGuard.state_dict`)."""
+        state_dict = super().state_dict()
+        if self._guard is not None and isinstance(state_dict, dict):
+            state_dict["guard"] = self._guard.state_dict()
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from adamkit or ``torch.optim.Adam``/``AdamW``.
 
-        Everything is checked first (see :func:`adamkit.torch.state_dict.check_state_dict`);
-        ``ValueError``/``TypeError`` leave the optimizer unchanged.  adamkit's own group settings
-        (``impl``, ``decay_mode``, ``construction_lr``) missing from a torch checkpoint keep this
-        optimizer's values.  The check runs after any user load-state-dict pre-hooks.
+        Everything is checked first (see :func:`adamkit.torch.state_dict.check_state_dict`, and
+        the ``"guard"`` entry); ``ValueError``/``TypeError`` leave the optimizer unchanged.
+        adamkit's own group settings (``impl``, ``decay_mode``, ``construction_lr``) missing from
+        a torch checkpoint keep this optimizer's values; a checkpoint without ``"guard"`` starts
+        the guard afresh (this optimizer's config, counters at 0, no snapshot).  The check runs
+        after any user load-state-dict pre-hooks.
         """
         kept = [{k: g[k] for k in ADAMKIT_GROUP_KEYS if k in g} for g in self.param_groups]
+        commits = []
 
         def validate(optimizer: torch.optim.Optimizer, loaded: dict[str, Any]) -> None:
             check_state_dict(optimizer, loaded)
+            if self._guard is not None:
+                commits.append(self._guard.prepare_load(optimizer, loaded.get("guard")))
 
         def restore(optimizer: torch.optim.Optimizer) -> None:
             for group, old in zip(optimizer.param_groups, kept, strict=True):
@@ -167,6 +236,8 @@ class Adam(torch.optim.Optimizer):
         finally:
             pre.remove()
             post.remove()
+        for commit in commits:
+            commit()
 
     def _plan(self, index: int, group: dict[str, Any]) -> tuple[StepFn, list[Tensor], float]:
         # Checks only; raising here leaves everything untouched.
@@ -196,40 +267,92 @@ class Adam(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One update of every parameter that has a gradient; returns ``closure()``'s value.
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
+        """One update of every parameter that has a gradient, unless the guard skips it.
 
         ``closure`` (re-evaluates the model, returns the loss) runs first, with gradients
-        enabled.  All groups are checked before any state or parameter changes.
+        enabled; its value is the step's loss for the guard.  ``loss``: the step's loss when
+        there is no closure (a number or a one-element tensor; ignored without a guard).  Giving
+        both raises ``ValueError``.  All groups are checked before any state, parameter or guard
+        counter changes.
+
+        Returns ``closure()``'s value (``None`` without a closure), like torch; whether the
+        update was applied is :attr:`last_step_applied`, the details :attr:`guard_diagnostics`.
         """
-        loss = None
+        if closure is not None and loss is not None:
+            raise ValueError("pass the step's loss either through closure or as loss=, not both")
+        result = None
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
+                result = loss = closure()
         plans = [self._plan(i, group) for i, group in enumerate(self.param_groups)]
+        # The guard decides in Python on values read from tensors, which torch.compile cannot
+        # trace without a graph break: a traced step is an unguarded one (documented above).
+        if self._guard is None or torch.compiler.is_compiling():
+            self._update(plans, None)
+            self.last_step_applied = True
+            return result
+        params = [p for _, group_params, _ in plans for p in group_params]
+        self.last_step_applied = self._guard.run(
+            self, params, lambda plan: self._update(plans, plan), loss=loss
+        )
+        return result
+
+    def _update(
+        self, plans: list[tuple[StepFn, list[Tensor], float]], plan: StepPlan | None
+    ) -> list[float]:
+        # The update of every group, as the guard's plan says (None: plain Adam).  Returns the
+        # per-tensor factors of update_clip="rms".
+        factors: list[float] = []
         for group, (step_fn, params, weight_decay) in zip(self.param_groups, plans, strict=True):
             if not params:
                 continue
             amsgrad = group["amsgrad"]
             states = [self._state_for(p, amsgrad) for p in params]
             beta1, beta2 = group["betas"]
-            step_fn(
+            grads = [p.grad for p in params]
+            lr = group["lr"]
+            if plan is not None:
+                # Out of place and for this step only: p.grad and group["lr"] stay the caller's.
+                if plan.grad_scale != 1.0:
+                    grads = torch._foreach_mul(grads, plan.grad_scale)
+                if plan.lr_scale != 1.0:
+                    lr = lr * plan.lr_scale
+            args = (
                 params,
-                [p.grad for p in params],
+                grads,
                 [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states],
                 [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
                 [s["step"] for s in states],
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=weight_decay,
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                amsgrad=amsgrad,
-                maximize=group["maximize"],
             )
-        return loss
+            kwargs = {
+                "lr": lr,
+                "beta1": beta1,
+                "beta2": beta2,
+                "eps": group["eps"],
+                "weight_decay": weight_decay,
+                "decoupled_weight_decay": group["decoupled_weight_decay"],
+                "amsgrad": amsgrad,
+                "maximize": group["maximize"],
+            }
+            if plan is None or plan.update_clip is None:
+                step_fn(*args, **kwargs)
+                continue
+            clip = {
+                "update_clip": plan.update_clip,
+                "rms_threshold": plan.rms_threshold,
+                "atan2_a": plan.atan2_a,
+                "atan2_b": plan.atan2_b,
+            }
+            # Update clipping needs the moments mid-step: torch ops, or the NumPy reference for
+            # the NumPy-backed implementations (reference, numba), which take CPU float tensors.
+            numpy_backed = step_fn is not adam_torch_ and all(
+                p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in params
+            )
+            clipped_step = adam_numpy_clipped_ if numpy_backed else adam_torch_
+            factors.extend(clipped_step(*args, **kwargs, **clip))
+        return factors
 
 
 class AdamW(Adam):
@@ -248,6 +371,7 @@ class AdamW(Adam):
         maximize: bool = False,
         decay_mode: str = "lr_scaled",
         impl: str = "auto",
+        guard: Any = True,
     ) -> None:
         super().__init__(
             params,
@@ -260,6 +384,7 @@ class AdamW(Adam):
             decoupled_weight_decay=True,
             decay_mode=decay_mode,
             impl=impl,
+            guard=guard,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -14,6 +14,13 @@ key                meaning                                       dtype / shape /
 ``max_exp_avg_sq`` running max of v (only with ``amsgrad``)       the parameter's
 =================  ===========================================  ==============================
 
+With a stability guard (``guard=``, on by default) the state dict has a third top-level entry,
+``"guard"``: the guard's counters and running statistics as plain Python values and, when
+loss-spike handling keeps one, the rollback snapshot's tensors (parameters and their state, about
+3x the parameters' memory; 4x with AMSGrad), so that resuming after or before a rollback is
+exact (see :meth:`adamkit.torch.guarded.TorchGuard.state_dict`).  ``torch.optim.Adam`` ignores
+the entry; a checkpoint without it starts the guard afresh.
+
 ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype and does
 not compare anything but group sizes, so :func:`check_state_dict` compares everything first (group
 count and sizes, parameter names when both sides have them, hyper-parameters, state keys, shapes

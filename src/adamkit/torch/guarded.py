@@ -1,0 +1,625 @@
+r"""The stability guard (:mod:`adamkit.guard`) on torch optimizers: norms, snapshots, the wrapper.
+
+:class:`TorchGuard` runs the guard's per-step protocol (:mod:`adamkit.guard.policy`) on a
+``torch.optim.Optimizer``: it asks :class:`~adamkit.guard.Guard` for a plan, restores or takes a
+:class:`TorchSnapshot`, lets the optimizer apply the update (or not), and reports the norms.
+``adamkit.torch.Adam(..., guard=...)`` uses it inside its own ``step``; :class:`GuardedOptimizer`
+puts it around any other torch optimizer.
+
+Cost with nothing wrong.  The default guard (non-finite skip only) reads the gradients once more
+per step: one L2 norm per (device, dtype) bucket (``torch._foreach_norm``), combined in float64,
+and one device-to-host transfer per device to decide on the host (free on the CPU; on a GPU the
+same one sync that ``GradScaler`` makes).  The norm doubles as the gradient-norm diagnostic.
+``track_update_norm`` costs a copy of the parameters and two more reductions; update clipping
+``"rms"`` one reduction and one sync per tensor; snapshots the memory stated on
+:class:`TorchSnapshot`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import os
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from adamkit.core.config import AdamHyperParams
+from adamkit.guard import Guard, GuardConfig, StepPlan, clipped_adam_update_, resolve_guard
+
+__all__ = ["GuardedOptimizer", "TorchGuard", "TorchSnapshot", "adam_numpy_clipped_", "global_norm"]
+
+STATE_FORMAT = "adamkit.torch.guard"
+STATE_VERSION = 1
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Frames in these folders are optimizer plumbing (torch's step wrappers, lr-scheduler patches,
+# this package): the guard's warning points at the first frame outside them, the user's step().
+_PLUMBING = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+
+
+def _user_stacklevel() -> int:
+    # stacklevel for warnings.warn inside Guard.plan_step called by TorchGuard.run:
+    # 1 = plan_step, 2 = run, 3 = run's caller, ... up to the first frame outside the plumbing.
+    frame, level = sys._getframe(2), 3
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PLUMBING):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def global_norm(tensors: Iterable[Tensor]) -> float:
+    """``sqrt(sum of squares)`` over every element of every tensor, as a Python float.
+
+    One reduction per tensor (``torch._foreach_norm`` per (device, dtype) bucket; float16/bfloat16
+    accumulate in float32, sparse tensors use their coalesced values), combined in float64, one
+    ``.item()`` per device.  NaN if any element is NaN, ``inf`` if any is infinite or a tensor's
+    sum of squares overflows its dtype (float32: a norm above about 1.8e19); 0.0 for no elements.
+    Each tensor's norm is accumulated in its own dtype (float32: relative error up to about 1e-3
+    for 1e7 elements), because float64 accumulation costs ten times as much on the CPU; that is
+    ample for detecting non-finite values and for z-scores of the norm.
+    """
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        if t.is_sparse:
+            t = t.coalesce().values()
+        buckets.setdefault((t.device, t.dtype), []).append(t.detach())
+    squares: dict[torch.device, list[Tensor]] = {}
+    for (device, dtype), group in buckets.items():
+        if dtype in _LOW_PRECISION:
+            norms = torch._foreach_norm(group, 2, dtype=torch.float32)
+        else:
+            norms = torch._foreach_norm(group)
+        # float64 where the device has it (MPS does not)
+        acc = torch.float32 if device.type == "mps" else torch.float64
+        squares.setdefault(device, []).append(torch.stack(norms).to(acc).square().sum())
+    total = 0.0
+    for parts in squares.values():
+        total += torch.stack(parts).sum().item()
+    return math.sqrt(total) if not math.isnan(total) else math.nan
+
+
+def _all_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _clone_value(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, Tensor) else copy.deepcopy(value)
+
+
+def _nbytes(value: Any) -> int:
+    return value.numel() * value.element_size() if isinstance(value, Tensor) else 0
+
+
+class TorchSnapshot:
+    """A rollback target: copies of every parameter of an optimizer and of its per-parameter state.
+
+    ``params[i]`` and ``states[i]`` belong to the ``i``-th parameter in ``param_groups`` order
+    (torch's state-dict numbering); ``states[i]`` is ``None`` for a parameter without state then
+    (restoring removes any state it has gained since).  Memory (:attr:`nbytes`) sits on the
+    parameters' devices: parameter + whatever the optimizer keeps, i.e. 3x the parameters for
+    Adam, 4x with AMSGrad.  Restoring copies; the snapshot stays reusable and is never modified.
+    """
+
+    __slots__ = ("params", "states")
+
+    def __init__(self, params: list[Tensor], states: list[dict[str, Any] | None]) -> None:
+        if len(params) != len(states):
+            raise ValueError(f"got {len(params)} parameters but {len(states)} states")
+        self.params = params
+        self.states = states
+
+    @classmethod
+    def take(cls, optimizer: torch.optim.Optimizer) -> TorchSnapshot:
+        """Copy the parameters and per-parameter state of ``optimizer`` as they are now."""
+        params, states = [], []
+        for p in _all_params(optimizer):
+            params.append(p.detach().clone())
+            state = optimizer.state.get(p)
+            states.append({k: _clone_value(v) for k, v in state.items()} if state else None)
+        return cls(params, states)
+
+    def matches(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether the snapshot still describes ``optimizer``'s parameters (count and shapes)."""
+        params = _all_params(optimizer)
+        return len(params) == len(self.params) and all(
+            p.shape == q.shape for p, q in zip(params, self.params, strict=True)
+        )
+
+    @torch.no_grad()
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        """Write the saved values back into ``optimizer``'s parameters and state (in place where
+        the live tensor fits, so references to them stay valid).  ``ValueError`` if the
+        parameters no longer match (see :meth:`matches`); nothing is changed then."""
+        if not self.matches(optimizer):
+            raise ValueError("the snapshot does not match the optimizer's parameters any more")
+        for p, saved, state in zip(_all_params(optimizer), self.params, self.states, strict=True):
+            p.copy_(saved)
+            if state is None:
+                optimizer.state.pop(p, None)
+                continue
+            live = optimizer.state.get(p) or {}
+            restored = {}
+            for key, value in state.items():
+                current = live.get(key)
+                if (
+                    isinstance(value, Tensor)
+                    and isinstance(current, Tensor)
+                    and current.shape == value.shape
+                    and current.dtype == value.dtype
+                ):
+                    restored[key] = current.copy_(value)
+                else:
+                    restored[key] = _clone_value(value)
+            optimizer.state[p] = restored
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the copied tensors."""
+        total = sum(_nbytes(p) for p in self.params)
+        for state in self.states:
+            total += sum(_nbytes(v) for v in (state or {}).values())
+        return total
+
+    def to_state(self) -> dict[str, Any]:
+        """``{"params": [tensor per parameter], "state": {index: {key: value}}}`` (references, like
+        ``Optimizer.state_dict``; parameters without state are left out of ``"state"``)."""
+        return {
+            "params": list(self.params),
+            "state": {i: dict(s) for i, s in enumerate(self.states) if s is not None},
+        }
+
+    @classmethod
+    def from_state(
+        cls, optimizer: torch.optim.Optimizer, data: Any, where: str = "guard snapshot"
+    ) -> TorchSnapshot:
+        """Rebuild from :meth:`to_state` for ``optimizer`` (tensors copied to each parameter's
+        device, dtypes kept).  Raises ``TypeError``/``ValueError`` naming the entry when ``data``
+        does not fit the parameters (count, shape, dtype); modifies nothing."""
+        if not isinstance(data, Mapping) or set(data) != {"params", "state"}:
+            raise TypeError(f"{where} must be a dict with exactly 'params' and 'state'")
+        targets = _all_params(optimizer)
+        saved = data["params"]
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(targets):
+            count = len(saved) if isinstance(saved, (list, tuple)) else type(saved).__name__
+            raise ValueError(f"{where} holds {count} parameters, this optimizer has {len(targets)}")
+        params = []
+        for i, (value, p) in enumerate(zip(saved, targets, strict=True)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{where} parameter {i} must be a tensor, got {type(value)}")
+            if value.shape != p.shape or value.dtype != p.dtype:
+                raise ValueError(
+                    f"{where} parameter {i} is {value.dtype} {tuple(value.shape)}, the parameter "
+                    f"is {p.dtype} {tuple(p.shape)}"
+                )
+            params.append(value.detach().to(p.device, copy=True))
+        raw_states = data["state"]
+        if not isinstance(raw_states, Mapping):
+            raise TypeError(f"{where} 'state' must be a dict, got {type(raw_states).__name__}")
+        states: list[dict[str, Any] | None] = [None] * len(targets)
+        for index, state in raw_states.items():
+            if (
+                isinstance(index, bool)
+                or not isinstance(index, int)
+                or not 0 <= index < len(targets)
+            ):
+                raise ValueError(f"{where} has state for an unknown parameter index {index!r}")
+            if not isinstance(state, Mapping):
+                raise TypeError(f"{where} state {index} must be a dict, got {type(state)}")
+            device = targets[index].device
+            # "step" stays where it was saved (torch keeps it on the CPU unless fused/capturable).
+            states[index] = {
+                k: v.detach().to(device, copy=True)
+                if isinstance(v, Tensor) and k != "step"
+                else _clone_value(v)
+                for k, v in state.items()
+            }
+        return cls(params, states)
+
+
+def _guard_loss(loss: Any, config: GuardConfig) -> Any:
+    # The loss judged by loss-spike handling must reach the guard (one sync on a GPU).  Without it
+    # the loss is only a diagnostic: passed when reading it is free, never a reason to fail.
+    if loss is None or config.loss_spike:
+        return loss
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        return loss
+    if isinstance(loss, Tensor) and loss.numel() == 1 and loss.device.type == "cpu":
+        return None if loss.is_complex() else loss
+    return None
+
+
+class TorchGuard:
+    """A :class:`~adamkit.guard.Guard` and its snapshot tensors, for one torch optimizer.
+
+    ``config``: anything :func:`~adamkit.guard.resolve_guard` accepts except "off".  The owner
+    calls :meth:`run` once per ``step()``; :meth:`state_dict` / :meth:`prepare_load` carry the
+    guard's numbers *and* the snapshot tensors, so a resumed run rolls back exactly like an
+    uninterrupted one.
+    """
+
+    def __init__(self, config: Any) -> None:
+        self.guard = Guard(config)
+        self.snapshot: TorchSnapshot | None = None
+
+    @property
+    def config(self) -> GuardConfig:
+        """The guard's configuration."""
+        return self.guard.config
+
+    def run(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: Sequence[Tensor],
+        apply: Callable[[StepPlan], Sequence[float]],
+        *,
+        loss: Any = None,
+    ) -> bool:
+        """One guarded step; returns whether the update was applied.
+
+        ``params``: the parameters about to be updated (those with a gradient); their gradients
+        give the global norm.  ``apply(plan)`` must apply the update as the plan says
+        (``grad_scale``, ``lr_scale``, ``update_clip``) and return the per-tensor "rms" factors
+        (or an empty sequence).  ``loss``: the step's loss or ``None``.  Errors raised before
+        ``apply`` (a bad loss) leave the guard, the optimizer and the parameters unchanged.  The
+        one-time :class:`~adamkit.guard.GuardWarning` points at the caller's ``step()`` line.
+        """
+        guard = self.guard
+        if self.snapshot is not None and len(self.snapshot.params) != sum(
+            len(group["params"]) for group in optimizer.param_groups
+        ):
+            self.snapshot = None  # parameters were added since: a rollback could not be exact
+        if self.snapshot is None and guard.has_snapshot:
+            guard.invalidate_snapshot()
+        grads = [p.grad for p in params]
+        plan = guard.plan_step(
+            loss=_guard_loss(loss, guard.config),
+            grad_norm=lambda: global_norm(grads),
+            # Only the first non-finite skip warns, so the frame walk (a few microseconds) stops
+            # once it has happened.
+            stacklevel=_user_stacklevel() if guard.counters["n_skipped_nonfinite"] == 0 else 2,
+        )
+        if plan.restore_snapshot:
+            self.snapshot.restore(optimizer)
+            return False
+        if plan.take_snapshot:
+            self.snapshot = None  # free the old copies first: one snapshot in memory at a time
+            self.snapshot = TorchSnapshot.take(optimizer)
+        if not plan.apply:
+            return False
+        track = guard.config.track_update_norm
+        before = [p.detach().clone() for p in params] if track else []
+        factors = list(apply(plan))
+        norms: dict[str, float] = {}
+        if track and before:
+            deltas = torch._foreach_sub([p.detach() for p in params], before)
+            norms = {"update_norm": global_norm(deltas), "param_norm": global_norm(before)}
+        elif track:
+            norms = {"update_norm": 0.0, "param_norm": 0.0}
+        if factors or norms:
+            guard.record_update(update_scales=factors, **norms)
+        return True
+
+    @property
+    def snapshot_nbytes(self) -> int:
+        """Bytes held by the current snapshot (0 without one)."""
+        return 0 if self.snapshot is None else self.snapshot.nbytes
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"format", "version", "guard": Guard.state_dict(), "snapshot": TorchSnapshot.to_state()
+        or None}``; the snapshot's tensors are included so that resuming is exact."""
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "guard": self.guard.state_dict(),
+            "snapshot": None if self.snapshot is None else self.snapshot.to_state(),
+        }
+
+    def prepare_load(self, optimizer: torch.optim.Optimizer, entry: Any) -> Callable[[], None]:
+        """Validate ``entry`` (from :meth:`state_dict`, or ``None`` for a checkpoint without one)
+        against ``optimizer`` and return the function that commits it.
+
+        Validation raises ``TypeError``/``ValueError`` and changes nothing; the returned commit
+        cannot fail.  ``None`` commits a fresh guard (same config, counters at 0, no snapshot).
+        The live config is kept (see :meth:`adamkit.guard.Guard.load_state_dict`).
+        """
+        guard = Guard(self.guard.config)
+        snapshot = None
+        if entry is not None:
+            keys = {"format", "version", "guard", "snapshot"}
+            if not isinstance(entry, Mapping) or set(entry) != keys:
+                raise TypeError(f"state_dict['guard'] must be a dict with keys {sorted(keys)}")
+            if entry["format"] != STATE_FORMAT or entry["version"] != STATE_VERSION:
+                raise ValueError(
+                    f"state_dict['guard'] is {entry['format']!r} version {entry['version']!r}; "
+                    f"this adamkit reads {STATE_FORMAT!r} version {STATE_VERSION}"
+                )
+            guard.load_state_dict(entry["guard"])
+            if entry["snapshot"] is not None and guard.has_snapshot:
+                snapshot = TorchSnapshot.from_state(optimizer, entry["snapshot"])
+        if snapshot is None:
+            guard.invalidate_snapshot()
+
+        def commit() -> None:
+            self.guard = guard
+            self.snapshot = snapshot
+
+        return commit
+
+
+def _view(tensor: Tensor) -> np.ndarray:
+    # Shares memory (strides included) with the tensor, so writes land in it.
+    return tensor.detach().numpy()
+
+
+def adam_numpy_clipped_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+    update_clip: str | None = None,
+    rms_threshold: float = 1.0,
+    atan2_a: float = 1.27,
+    atan2_b: float = 1.0,
+) -> list[float]:
+    """The guard's clipped Adam step (:func:`adamkit.guard.clipped_adam_update_`, the NumPy
+    reference) on zero-copy NumPy views: what the NumPy-backed implementations (``impl=
+    "reference"``, the numba kernel) run when update clipping is on.
+
+    Same arguments as :func:`adamkit.torch.functional.adam_torch_`; CPU float32/float64 tensors
+    only.  Returns the per-tensor "rms" factors (empty list otherwise).
+    """
+    if not params:
+        return []
+    hp = AdamHyperParams(
+        lr=float(lr),
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+    )
+    steps = []
+    for step_t in state_steps:
+        step_t += 1
+        steps.append(int(step_t.item()))
+    return clipped_adam_update_(
+        [_view(p) for p in params],
+        [_view(g) for g in grads],
+        [_view(m) for m in exp_avgs],
+        [_view(v) for v in exp_avg_sqs],
+        [_view(v) for v in max_exp_avg_sqs] if amsgrad else [None] * len(params),
+        steps,
+        hp,
+        update_clip=update_clip,
+        rms_threshold=rms_threshold,
+        atan2_a=atan2_a,
+        atan2_b=atan2_b,
+    )
+
+
+def _wrapper_config(guard: Any) -> GuardConfig | None:
+    """Read ``guard=`` for :class:`GuardedOptimizer`: as :func:`~adamkit.guard.resolve_guard`,
+    except that the preset ``"all"`` leaves update clipping off (a foreign step cannot be
+    clipped); asking for ``update_clip`` explicitly raises ``ValueError``."""
+    if isinstance(guard, str) and guard == "all":
+        guard = {"preset": "all", "update_clip": None}
+    elif isinstance(guard, dict) and guard.get("preset") == "all" and "update_clip" not in guard:
+        guard = {**guard, "update_clip": None}
+    config = resolve_guard(guard)
+    if config is not None and config.update_clip is not None:
+        raise ValueError(
+            f"Invalid update_clip: {config.update_clip!r} (GuardedOptimizer cannot clip the "
+            "update of another optimizer's step; use adamkit.torch.Adam/AdamW(guard=...) or "
+            "update_clip=None)"
+        )
+    return config
+
+
+_HOOK_DICTS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
+class GuardedOptimizer(torch.optim.Optimizer):
+    """The stability guard around any ``torch.optim.Optimizer`` (``SGD``, ``torch.optim.Adam``...).
+
+    ``GuardedOptimizer(optimizer, guard="all")`` is an optimizer itself: lr schedulers,
+    ``GradScaler`` and hooks accept it, and ``param_groups``/``state``/``defaults`` are the
+    wrapped optimizer's own objects.  ``guard`` is read like ``adamkit.torch.Adam``'s (``"all"``,
+    ``True``/``"default"``, a dict of options, a :class:`~adamkit.guard.GuardConfig`, or
+    ``False``/``None``/``"off"`` for a plain pass-through).
+
+    What applies to a foreign optimizer:
+
+    - non-finite skip, gradient-spike clipping (the gradients are scaled out of place: ``p.grad``
+      points to a scaled copy during the wrapped step and back to the caller's tensor after),
+      loss-spike skips, snapshots and rollbacks (of the parameters and everything in
+      ``optimizer.state``), the lr factor after a rollback (``group["lr"]`` is multiplied during
+      the wrapped step only and restored to the very same object after, so schedulers do not
+      drift), diagnostics.
+    - **not** update clipping (it lives inside Adam's step): the preset ``"all"`` leaves it off,
+      and asking for it raises ``ValueError``; use ``adamkit.torch.Adam/AdamW(guard=...)``.
+
+    ``step(closure=None, *, loss=None)``: the closure (if any) runs here, once, with gradients
+    enabled, and the wrapped optimizer's ``step()`` is called without it, so optimizers that
+    re-evaluate the closure (``LBFGS``) are refused (``TypeError``), as are adamkit optimizers
+    that already have their own guard (``ValueError``: configure that one instead).  Returns
+    the closure's value like torch; :attr:`last_step_applied` and :attr:`guard_diagnostics` say
+    what happened.  ``state_dict()`` is the wrapped one plus ``"guard"`` (see
+    :meth:`TorchGuard.state_dict`), which torch optimizers ignore on load.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, guard: Any = "all") -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError("LBFGS re-evaluates its closure inside step(); it cannot be guarded")
+        if isinstance(optimizer, GuardedOptimizer) or getattr(optimizer, "guard", None) is not None:
+            raise ValueError(
+                f"{type(optimizer).__name__} is already guarded; configure its own guard instead "
+                "(adamkit optimizers: guard=...), or build it with guard=False"
+            )
+        config = _wrapper_config(guard)
+        self.optimizer = optimizer
+        self._guard = None if config is None else TorchGuard(config)
+        self.last_step_applied = True
+        self._init_torch_bookkeeping()
+
+    def _init_torch_bookkeeping(self) -> None:
+        # What Optimizer.__init__ would set up, without adding the groups a second time.
+        for name in _HOOK_DICTS:
+            if name not in self.__dict__:
+                setattr(self, name, OrderedDict())
+        self._warned_capturable_if_run_uncaptured = True
+        self._patch_step_function()
+
+    # The wrapped optimizer's own objects, also after its load_state_dict replaces them.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    @property
+    def guard(self) -> Guard | None:
+        """The :class:`~adamkit.guard.Guard` (config, counters), or ``None`` when off."""
+        return None if self._guard is None else self._guard.guard
+
+    @property
+    def guard_diagnostics(self) -> dict[str, Any] | None:
+        """What the last step did, as a plain dict (see :attr:`adamkit.guard.Guard.diagnostics`);
+        ``None`` when the guard is off."""
+        return None if self._guard is None else self._guard.guard.diagnostics
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer,
+            "_guard": self._guard,
+            "last_step_applied": self.last_step_applied,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_torch_bookkeeping()
+
+    def __repr__(self) -> str:
+        config = None if self._guard is None else self._guard.config
+        return f"GuardedOptimizer({self.optimizer!r}, guard={config!r})"
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer (its rules)."""
+        self.optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The wrapped optimizer's ``zero_grad``."""
+        self.optimizer.zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
+        """Run ``closure`` (if given), then the guarded step of the wrapped optimizer.
+
+        ``loss``: the step's loss when there is no closure (for loss-spike handling); giving
+        both raises ``ValueError``.  Returns ``closure()``'s value (``None`` without one).
+        """
+        if closure is not None and loss is not None:
+            raise ValueError("pass the step's loss either through closure or as loss=, not both")
+        result = None
+        if closure is not None:
+            with torch.enable_grad():
+                result = loss = closure()
+        if self._guard is None:
+            self.optimizer.step()
+            self.last_step_applied = True
+            return result
+        params = [p for p in _all_params(self) if p.grad is not None]
+        self.last_step_applied = self._guard.run(self, params, self._apply, loss=loss)
+        if not self.last_step_applied:
+            # An lr scheduler attached to the wrapped optimizer watches its step(); a skipped
+            # step is still a step for the schedule, so do not let it warn about the order.
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]
+        return result
+
+    def _apply(self, plan: StepPlan) -> list[float]:
+        grads: list[tuple[Tensor, Tensor]] = []
+        lrs: list[tuple[dict[str, Any], Any]] = []
+        try:
+            if plan.grad_scale != 1.0:
+                for p in _all_params(self):
+                    if p.grad is not None:
+                        grads.append((p, p.grad))
+                        p.grad = p.grad * plan.grad_scale
+            if plan.lr_scale != 1.0:
+                for group in self.param_groups:
+                    lrs.append((group, group["lr"]))
+                    group["lr"] = group["lr"] * plan.lr_scale
+            self.optimizer.step()
+        finally:
+            for p, grad in grads:
+                p.grad = grad
+            for group, lr in lrs:
+                group["lr"] = lr
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus ``"guard"`` (numbers and snapshot tensors)."""
+        state_dict = self.optimizer.state_dict()
+        if self._guard is not None:
+            state_dict["guard"] = self._guard.state_dict()
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of the wrapped optimizer, with or without ``"guard"`` (without: the
+        guard starts afresh).  The guard part is checked first; ``TypeError``/``ValueError``
+        from it or from the wrapped optimizer leave the guard unchanged."""
+        commit = None
+        if self._guard is not None:
+            if not isinstance(state_dict, Mapping):
+                raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+            commit = self._guard.prepare_load(self, state_dict.get("guard"))
+        self.optimizer.load_state_dict(state_dict)
+        if commit is not None:
+            commit()
