@@ -23,7 +23,8 @@ Implementations (``impl=``):
   device-agnostic; complex parameters are updated through ``torch.view_as_real`` like torch.
 - ``"reference"``: :func:`adamkit.kernels.adam_update_` on zero-copy ``tensor.numpy()`` views;
   CPU float32/float64 tensors only.  This is how the NumPy reference (and later the fast NumPy
-  kernels) run under the torch front end.
+  kernels) run under the torch front end.  DTensors (FSDP2) are viewed through their local
+  shards: the step is elementwise, so updating each rank's shard is the whole step.
 - ``"auto"``: today always ``"torch"``.  :func:`select_impl` is the single place to change that.
 
 Bias corrections are computed from the step count as a Python float (double precision) in eager
@@ -33,6 +34,7 @@ and the corrections are computed in float64 tensor arithmetic instead.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -188,8 +190,45 @@ def _rms_lr_factor(
     return 1.0 / rms if rms > 1.0 else 1.0
 
 
-def _numpy_view(tensor: Tensor) -> np.ndarray:
-    # Shares memory with `tensor` (strides included), so writes land in the tensor.
+def _dtensor_type() -> type | None:
+    # No DTensor can exist unless torch.distributed.tensor has been imported; do not import it
+    # (or torch.distributed) for the many programs that never use it.
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _check_shards(
+    params: Sequence[Tensor], *others: Sequence[Tensor], dtensor: type | None
+) -> None:
+    # A DTensor parameter can be updated shard by shard only if its gradient and state are
+    # DTensors laid out the same way (FSDP2 makes them so); anything else would pair numbers of
+    # different elements.
+    if dtensor is None:
+        return
+    for i, p in enumerate(params):
+        if not isinstance(p, dtensor):
+            continue
+        for tensors in others:
+            t = tensors[i]
+            if (
+                not isinstance(t, dtensor)
+                or t.device_mesh != p.device_mesh
+                or t.placements != p.placements
+                or any(placement.is_partial() for placement in p.placements)
+            ):
+                layout = t.placements if isinstance(t, dtensor) else type(t).__name__
+                raise ValueError(
+                    "impl='reference' updates a DTensor parameter shard by shard and needs its "
+                    f"gradient and state laid out the same way; the parameter has {p.placements}"
+                    f", got {layout}; use impl='torch' or impl='auto'"
+                )
+
+
+def _numpy_view(tensor: Tensor, dtensor: type | None) -> np.ndarray:
+    # Shares memory with `tensor` (strides included), so writes land in the tensor; a DTensor's
+    # local shard likewise shares memory with the DTensor.
+    if dtensor is not None and isinstance(tensor, dtensor):
+        tensor = tensor.to_local()
     return tensor.detach().numpy()
 
 
@@ -213,10 +252,16 @@ def adam_reference_(
     """Adam step by :func:`adamkit.kernels.adam_update_` on NumPy views of the tensors.
 
     Tensors must be on the CPU with dtype float32 or float64 (:func:`select_impl` checks this);
-    ``lr`` is used as a Python float.
+    ``lr`` is used as a Python float.  DTensors are updated through their local shards and need
+    gradient and state placed like the parameter (else ``ValueError``, before anything changes).
     """
     if not params:
         return
+    dtensor = _dtensor_type()
+    moments = (exp_avgs, exp_avg_sqs, *((max_exp_avg_sqs,) if amsgrad else ()))
+    _check_shards(params, grads, *moments, dtensor=dtensor)
+    # Views first: anything that raises does so before the step counts change.
+    views = [[_numpy_view(t, dtensor) for t in tensors] for tensors in (params, grads, *moments)]
     hp = AdamHyperParams(
         lr=float(lr),
         beta1=beta1,
@@ -232,11 +277,11 @@ def adam_reference_(
         step_t += 1
         steps.append(int(step_t.item()))
     adam_update_(
-        [_numpy_view(p) for p in params],
-        [_numpy_view(g) for g in grads],
-        [_numpy_view(m) for m in exp_avgs],
-        [_numpy_view(v) for v in exp_avg_sqs],
-        [_numpy_view(v) for v in max_exp_avg_sqs] if amsgrad else [None] * len(params),
+        views[0],
+        views[1],
+        views[2],
+        views[3],
+        views[4] if amsgrad else [None] * len(params),
         steps,
         hp,
         impl="reference",

@@ -24,7 +24,10 @@ the entry; a checkpoint without it starts the guard afresh.
 ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype and does
 not compare anything but group sizes, so :func:`check_state_dict` compares everything first (group
 count and sizes, parameter names when both sides have them, hyper-parameters, state keys, shapes
-and dtypes) and raises ``ValueError``/``TypeError`` before the optimizer is touched.
+and dtypes) and raises ``ValueError``/``TypeError`` before the optimizer is touched.  Names are
+compared without the segments that wrappers add (DDP's leading ``module.``, ``_orig_mod.`` of
+``torch.compile``, FSDP1's and activation checkpointing's wrappers), as
+``torch.distributed.checkpoint`` does, so a checkpoint of ``DDP(model)`` loads into ``model``.
 """
 
 from __future__ import annotations
@@ -96,13 +99,29 @@ def _check_param_state(param: torch.Tensor, state: Any, amsgrad: bool, where: st
             )
 
 
+# Path segments that wrappers add to parameter names: torch.compile's `_orig_mod`, FSDP1's and
+# activation checkpointing's wrapper modules, and (leading only) DDP's/DataParallel's `module`.
+# torch.distributed.checkpoint's state dicts drop them, so a checkpoint saved from a wrapped
+# model loads into the bare model and back; names are compared without them.
+_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def _bare_name(name: Any) -> Any:
+    if not isinstance(name, str):
+        return name
+    parts = [part for part in name.split(".") if part not in _WRAPPER_SEGMENTS]
+    if len(parts) > 1 and parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
 def _check_names(index: int, ours: dict[str, Any], saved: dict[str, Any]) -> None:
     if "param_names" not in ours or "param_names" not in saved:
         return
     for position, (mine, theirs) in enumerate(
         zip(ours["param_names"], saved["param_names"], strict=True)
     ):
-        if mine != theirs:
+        if _bare_name(mine) != _bare_name(theirs):
             raise ValueError(
                 f"param group {index}, parameter {position}: the state dict is for {theirs!r}, "
                 f"this optimizer has {mine!r} (was the checkpoint written for another model?)"
