@@ -140,3 +140,15 @@ def test_importing_kernels_does_not_import_numba():
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_amsgrad_state_must_match_the_flag_before_anything_changes():
+    pytest.importorskip("numba", reason="impl='numba' needs numba")
+    params = _params(seeded_rng("amsgrad-mismatch"), [(4,), (3,)])
+    before = [[a.copy() for a in row[:4]] for row in params]
+    columns = [list(column) for column in zip(*params, strict=True)]
+    with pytest.raises(ValueError, match=r"max_exp_avg_sqs\[0\] must be an array"):
+        kernels.adam_update_(*columns, [1, 1], AdamHyperParams(amsgrad=True), impl="numba")
+    for row, saved in zip(params, before, strict=True):
+        for a, b in zip(row[:4], saved, strict=True):
+            np.testing.assert_array_equal(a, b)

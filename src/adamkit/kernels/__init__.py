@@ -16,25 +16,25 @@ Implementations (``impl=``):
 Why numba.  Adam is memory-bound: one step must read ``p, g, m, v`` and write ``p, m, v``
 (28 bytes per float32 parameter), so the best possible step is one pass at memory bandwidth
 (:mod:`adamkit.kernels.streaming` measures that floor).  Measured on the 2-core development VM
-(float32, 10M parameters in one tensor, median ms per step, ``benchmarks/bench_adam.py``):
+while it was idle (float32, one tensor of 10M parameters, 2 threads, median of 15 interleaved
+steps, ``python benchmarks/kernel_variants.py``):
 
-====================================================  =========  =============
-implementation                                        ms/step    % of floor
-====================================================  =========  =============
-streaming floor (same bytes, trivial arithmetic)      3.5        100
-numba fused kernel (this package)                     3.7        ~95
-torch.optim.Adam(fused=True)                          5.0        ~70
-numba, float32 mirroring every reference rounding     5.1        ~69
-torch.optim.Adam(foreach=True)                        23         15
-NumPy in-place ufunc chain (``out=``, no temporaries)  ~30       ~12
-textbook NumPy Adam (temporaries)                     ~60        ~6
-====================================================  =========  =============
+::
 
-A chain of NumPy ufuncs with ``out=`` still makes one memory pass per operation (about ten), and
-torch's own fused CPU kernel spends its time in two vector divisions and a square root per
-element; the numba kernel is one pass with one division.  numba also compiles ahead of the loop
-to the host's vector width without a C toolchain at install time, and its thread pool follows
-``numba.set_num_threads``.  Run ``adamkit bench`` to reproduce the table on your machine.
+    implementation                                       ms/step   % of floor
+    streaming floor (same bytes, trivial arithmetic)       5.16       100
+    numba kernel, as shipped                               5.39        96
+    numba kernel with every rounding of the reference      5.77        89
+    torch.optim.Adam(fused=True)                           7.17        72
+    torch.optim.Adam(foreach=True)                        26.3         20
+    NumPy in-place ufunc chain (out=, no temporaries)     42.7         12
+    textbook NumPy (temporaries; 10M layout of the bench) 63           10
+
+A chain of NumPy ufuncs makes one memory pass per operation (about twelve) however carefully
+temporaries are avoided; torch's fused CPU kernel is one pass too but reached 72 % of the floor
+here.  The numba kernel is one pass with one division and one square root per element, compiled
+for the host's vector width without a C toolchain at install time, and its thread pool follows
+``numba.set_num_threads``.  Run ``adamkit bench`` to measure your machine.
 """
 
 from __future__ import annotations

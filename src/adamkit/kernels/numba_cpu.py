@@ -18,13 +18,14 @@ Rounding versus the reference:
 
 - float64: operation for operation the reference (``a * b + c`` rounded twice, divisions kept):
   results are bit-identical.
-- float32: two deliberate shortcuts that the kernel needs to stay memory-bound (vectorised
-  ``sqrt`` + two divisions + float64 widening make it compute-bound, about 1.4x slower, measured
-  in ``benchmarks/``): the multiply-adds use the hardware FMA (one rounding) where the reference
-  emulates FMA through float64 (double rounding, differs in about one case in 2**29), and
-  ``sqrt(v) / sqrt(bc2)`` is ``sqrt(v) * (1 / sqrt(bc2))``.  Each can move the denominator by
-  one ulp; the moments ``m`` and ``v`` are almost always bit-identical.  Tests hold the step to
-  ``max|a - b| / max|b| <= 1e-6`` and 100-step trajectories to ``1e-5``.
+- float32: two deliberate shortcuts that keep the kernel memory-bound (with float64 widening and
+  two divisions it is compute-bound: 1.7x slower on cache-resident data, 1.07x on a 10M tensor
+  with 2 threads, 1.15x with 1; ``benchmarks/kernel_variants.py``).  The multiply-adds use the
+  hardware FMA (one rounding) where the reference emulates FMA through float64 (two roundings,
+  which differ only when the float64 result lies exactly halfway between two float32 values),
+  and ``sqrt(v) / sqrt(bc2)`` is ``sqrt(v) * (1 / sqrt(bc2))``, which can move the denominator by
+  one ulp.  ``m`` and ``v`` were bit-identical in every comparison made during development; the
+  tests hold the step to ``max|a - b| / max|b| <= 1e-6`` and 100 steps to ``1e-5``.
 
 No ``fastmath``: NaN and infinity behave as in the reference (the non-finite guard relies on it),
 and ``error_model="numpy"`` gives IEEE division (``0/0 -> nan``) without Python's zero check, which
@@ -56,11 +57,14 @@ __all__ = [
     "qualifies",
 ]
 
-#: Tensors with fewer elements run single-threaded: below about 2**15 a thread wake-up (several
-#: microseconds, far more on a loaded machine) costs more than the second core saves.
-PARALLEL_MIN_SIZE = 1 << 16
+#: Tensors with fewer elements run single-threaded.  Measured on 2 idle cores (float32, median
+#: per call): 4,096 elements 3.7 us serial / 3.9 us on the pool, 16,384: 10.8 / 8.9, 32,768:
+#: 16.0 / 9.6.  The threshold sits above the break-even because on a busy machine waking a
+#: second thread can cost a scheduler time slice (milliseconds).
+PARALLEL_MIN_SIZE = 1 << 15
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_F32, _F64 = SUPPORTED_DTYPES
 
 # Slots of the coefficient array handed to the kernels (one per call and dtype/step).
 _GSIGN, _WD, _COUPLED, _PSCALE, _W1, _W1_SMALL, _W2, _BETA2, _NEG_SS, _BC2S, _INV_BC2S, _EPS = (
@@ -109,22 +113,52 @@ def _unbias_overload(root, bc2_sqrt, inv_bc2_sqrt):
 
 
 @_jit(inline="always")
-def _moments(p, g, m, v, c):
-    """Return ``(decayed p, new m, new v)`` for one element; ``c`` holds the coefficients."""
-    g = g * c[_GSIGN]
-    if c[_COUPLED] != 0:
-        g = g + c[_WD] * p
-    p = p * c[_PSCALE]
-    base = m if c[_W1_SMALL] != 0 else g
-    m = _fma(g - m, c[_W1], base)
-    v = _fma(c[_W2] * g, g, v * c[_BETA2])
+def _unpack(c):
+    # Scalars out of the array before the loop: as values they cannot alias the arrays being
+    # written, so the compiler keeps them in registers and vectorises the loop.
+    return (
+        c[_GSIGN],
+        c[_WD],
+        c[_COUPLED] != 0,
+        c[_PSCALE],
+        c[_W1],
+        c[_W1_SMALL] != 0,
+        c[_W2],
+        c[_BETA2],
+        c[_NEG_SS],
+        c[_BC2S],
+        c[_INV_BC2S],
+        c[_EPS],
+    )
+
+
+@_jit(inline="always")
+def _moments(p, g, m, v, k):
+    """Return ``(decayed p, new m, new v)`` for one element; ``k`` is ``_unpack``'s tuple."""
+    gsign, wd, coupled, pscale, w1, w1_small, w2, beta2 = (
+        k[0],
+        k[1],
+        k[2],
+        k[3],
+        k[4],
+        k[5],
+        k[6],
+        k[7],
+    )
+    g = g * gsign
+    if coupled:
+        g = g + wd * p
+    p = p * pscale
+    base = m if w1_small else g
+    m = _fma(g - m, w1, base)
+    v = _fma(w2 * g, g, v * beta2)
     return p, m, v
 
 
 @_jit(inline="always")
-def _apply(p, m, second, c):
-    denom = _unbias(np.sqrt(second), c[_BC2S], c[_INV_BC2S]) + c[_EPS]
-    return p + (c[_NEG_SS] * m) / denom
+def _apply(p, m, second, k):
+    neg_ss, bc2s, inv_bc2s, eps = k[8], k[9], k[10], k[11]
+    return p + (neg_ss * m) / (_unbias(np.sqrt(second), bc2s, inv_bc2s) + eps)
 
 
 @_jit(inline="always")
@@ -135,42 +169,46 @@ def _max_nan(a, b):
 
 @_jit()
 def _step_serial(p, g, m, v, c):
+    k = _unpack(c)
     for i in range(p.size):
-        pi, mi, vi = _moments(p[i], g[i], m[i], v[i], c)
+        pi, mi, vi = _moments(p[i], g[i], m[i], v[i], k)
         m[i] = mi
         v[i] = vi
-        p[i] = _apply(pi, mi, vi, c)
+        p[i] = _apply(pi, mi, vi, k)
 
 
 @_jit(parallel=True)
 def _step_parallel(p, g, m, v, c):
+    k = _unpack(c)
     for i in prange(p.size):
-        pi, mi, vi = _moments(p[i], g[i], m[i], v[i], c)
+        pi, mi, vi = _moments(p[i], g[i], m[i], v[i], k)
         m[i] = mi
         v[i] = vi
-        p[i] = _apply(pi, mi, vi, c)
+        p[i] = _apply(pi, mi, vi, k)
 
 
 @_jit()
 def _step_amsgrad_serial(p, g, m, v, vmax, c):
+    k = _unpack(c)
     for i in range(p.size):
-        pi, mi, vi = _moments(p[i], g[i], m[i], v[i], c)
+        pi, mi, vi = _moments(p[i], g[i], m[i], v[i], k)
         wi = _max_nan(vmax[i], vi)
         m[i] = mi
         v[i] = vi
         vmax[i] = wi
-        p[i] = _apply(pi, mi, wi, c)
+        p[i] = _apply(pi, mi, wi, k)
 
 
 @_jit(parallel=True)
 def _step_amsgrad_parallel(p, g, m, v, vmax, c):
+    k = _unpack(c)
     for i in prange(p.size):
-        pi, mi, vi = _moments(p[i], g[i], m[i], v[i], c)
+        pi, mi, vi = _moments(p[i], g[i], m[i], v[i], k)
         wi = _max_nan(vmax[i], vi)
         m[i] = mi
         v[i] = vi
         vmax[i] = wi
-        p[i] = _apply(pi, mi, wi, c)
+        p[i] = _apply(pi, mi, wi, k)
 
 
 def coefficients(hp: AdamHyperParams, step: int, dtype: np.dtype) -> np.ndarray:
@@ -184,20 +222,20 @@ def coefficients(hp: AdamHyperParams, step: int, dtype: np.dtype) -> np.ndarray:
     coupled = decay and not hp.decoupled_weight_decay
     w1 = 1.0 - hp.beta1
     w1_small = w1 < 0.5  # reference.ema's two lerp forms
-    c = np.empty(_NCOEF, dtype=dtype)
-    c[_GSIGN] = -1.0 if hp.maximize else 1.0
-    c[_WD] = hp.weight_decay if coupled else 0.0
-    c[_COUPLED] = 1.0 if coupled else 0.0
-    c[_PSCALE] = 1.0 - hp.lr * hp.weight_decay if decay and not coupled else 1.0
-    c[_W1] = w1 if w1_small else -(1.0 - w1)
-    c[_W1_SMALL] = 1.0 if w1_small else 0.0
-    c[_W2] = 1.0 - hp.beta2
-    c[_BETA2] = hp.beta2
-    c[_NEG_SS] = -(hp.lr / bc1)
-    c[_BC2S] = bc2_sqrt
-    c[_INV_BC2S] = 1.0 / bc2_sqrt
-    c[_EPS] = hp.eps
-    return c
+    values = [0.0] * _NCOEF
+    values[_GSIGN] = -1.0 if hp.maximize else 1.0
+    values[_WD] = hp.weight_decay if coupled else 0.0
+    values[_COUPLED] = 1.0 if coupled else 0.0
+    values[_PSCALE] = 1.0 - hp.lr * hp.weight_decay if decay and not coupled else 1.0
+    values[_W1] = w1 if w1_small else -(1.0 - w1)
+    values[_W1_SMALL] = 1.0 if w1_small else 0.0
+    values[_W2] = 1.0 - hp.beta2
+    values[_BETA2] = hp.beta2
+    values[_NEG_SS] = -(hp.lr / bc1)
+    values[_BC2S] = bc2_sqrt
+    values[_INV_BC2S] = 1.0 / bc2_sqrt
+    values[_EPS] = hp.eps
+    return np.array(values, dtype=dtype)  # each double rounded once, like NumPy's scalar casts
 
 
 def qualifies(
@@ -209,27 +247,44 @@ def qualifies(
 ) -> bool:
     """True when the kernel can update this parameter in place.
 
-    Every array must be a plain, C-contiguous ``numpy.ndarray`` with the parameter's shape and
-    dtype, that dtype native float32 or float64, and every array but ``grad`` writeable.
+    Every array must be a C-contiguous ``numpy.ndarray`` with the parameter's shape and dtype,
+    that dtype native float32 or float64, and every array but ``grad`` writeable.
     """
-    if type(param) is not np.ndarray or param.dtype not in SUPPORTED_DTYPES:
-        return False
+    return _flat_views(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq) is not None
+
+
+def _flat_views(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    max_exp_avg_sq: np.ndarray | None,
+) -> tuple[np.ndarray, ...] | None:
+    """1-d views of the arrays (``max_exp_avg_sq`` last, if given) or ``None`` (see qualifies)."""
+    if type(param) is not np.ndarray:
+        return None
     dtype = param.dtype
+    # Identity first: NumPy hands out one dtype object per builtin type, and these checks run for
+    # every parameter of every step, so they are kept to plain attribute reads.
+    if dtype is not _F32 and dtype is not _F64 and dtype not in SUPPORTED_DTYPES:
+        return None
     shape = param.shape
-    arrays = (param, grad, exp_avg, exp_avg_sq)
+    written = (param, exp_avg, exp_avg_sq)
     if max_exp_avg_sq is not None:
-        arrays += (max_exp_avg_sq,)
-    for a in arrays:
-        if type(a) is not np.ndarray or a.dtype != dtype or a.shape != shape:
-            return False
+        written += (max_exp_avg_sq,)
+    for a in (*written, grad):
+        if type(a) is not np.ndarray or a.shape != shape:
+            return None
+        d = a.dtype
+        if d is not dtype and d != dtype:
+            return None
         flags = a.flags
         if not flags.c_contiguous or not (flags.writeable or a is grad):
-            return False
-    return True
-
-
-def _flat(a: np.ndarray) -> np.ndarray:
-    return a if a.ndim == 1 else a.reshape(-1)  # a view: callers pass C-contiguous arrays
+            return None
+    if len(shape) == 1:
+        return (param, grad, *written[1:])
+    # ravel of a C-contiguous array is a view, so the kernel writes into the caller's arrays.
+    return (param.ravel(), grad.ravel(), *(a.ravel() for a in written[1:]))
 
 
 def adam_update_(
@@ -247,40 +302,42 @@ def adam_update_(
 
     Parameters for which :func:`qualifies` is false are passed, one at a time and with the same
     arguments (``hp`` last), to ``fallback``; without one, a ``TypeError`` naming the first such
-    parameter is raised before anything is modified.
+    parameter is raised before anything is modified.  ``ValueError`` (before anything is
+    modified) when ``max_exp_avg_sqs[i]`` is not given exactly when ``hp.amsgrad``.
     """
+    amsgrad = hp.amsgrad
+    rows = list(zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, strict=True))
+    for index, row in enumerate(rows):
+        if (row[4] is not None) != amsgrad:
+            raise ValueError(
+                f"max_exp_avg_sqs[{index}] must be an array exactly when amsgrad=True "
+                f"(amsgrad={amsgrad})"
+            )
+    views: list[tuple[np.ndarray, ...] | None] = [_flat_views(*row[:5]) for row in rows]
     if fallback is None:
-        for index, arrays in enumerate(
-            zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, strict=True)
-        ):
-            if not qualifies(*arrays):
+        for index, (row, flat) in enumerate(zip(rows, views, strict=True)):
+            if flat is None:
                 raise TypeError(
                     "impl='numba' needs C-contiguous float32/float64 arrays of the parameter's "
                     f"shape and dtype; parameter {index} does not qualify "
-                    f"({', '.join(_describe(a) for a in arrays if a is not None)})"
+                    f"({', '.join(_describe(a) for a in row[:5] if a is not None)})"
                 )
-    cache: dict[tuple[np.dtype, int], np.ndarray | None] = {}
-    amsgrad = hp.amsgrad
-    for p, g, m, v, vmax, step in zip(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, strict=True
-    ):
-        if fallback is not None and not qualifies(p, g, m, v, vmax):
-            fallback(p, g, m, v, vmax, step, hp)
+    cache: dict[tuple[np.dtype, int], np.ndarray] = {}
+    serial = _step_amsgrad_serial if amsgrad else _step_serial
+    parallel = _step_amsgrad_parallel if amsgrad else _step_parallel
+    for row, flat in zip(rows, views, strict=True):
+        if flat is None:
+            fallback(*row, hp)  # type: ignore[misc]
             continue
+        p = flat[0]
         size = p.size
         if size == 0:
             continue
-        key = (p.dtype, step)
+        key = (p.dtype, row[5])
         c = cache.get(key)
         if c is None:
-            c = cache[key] = coefficients(hp, step, p.dtype)
-        parallel = size >= PARALLEL_MIN_SIZE
-        if amsgrad:
-            kernel = _step_amsgrad_parallel if parallel else _step_amsgrad_serial
-            kernel(_flat(p), _flat(g), _flat(m), _flat(v), _flat(vmax), c)
-        else:
-            kernel = _step_parallel if parallel else _step_serial
-            kernel(_flat(p), _flat(g), _flat(m), _flat(v), c)
+            c = cache[key] = coefficients(hp, row[5], p.dtype)
+        (parallel if size >= PARALLEL_MIN_SIZE else serial)(*flat, c)
 
 
 def _describe(a: object) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from numba import prange
 
-from adamkit.kernels.numba_cpu import PARALLEL_MIN_SIZE, _flat, _jit, qualifies
+from adamkit.kernels.numba_cpu import PARALLEL_MIN_SIZE, _flat_views, _jit
 
 __all__ = ["stream_update_"]
 
@@ -48,16 +48,16 @@ def stream_update_(
     The arrays of one parameter must be C-contiguous float32/float64 of one shape and dtype
     (``TypeError`` otherwise, raised before anything is modified).  ``grads`` are only read.
     """
-    arrays = list(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True))
-    for index, (p, g, m, v) in enumerate(arrays):
-        if not qualifies(p, g, m, v, None):
+    views = []
+    for index, arrays in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
+        flat = _flat_views(*arrays, None)
+        if flat is None:
             raise TypeError(
                 f"stream_update_ needs C-contiguous float32/float64 arrays of one shape and "
                 f"dtype; parameter {index} does not qualify"
             )
-    for p, g, m, v in arrays:
-        size = p.size
-        if size == 0:
-            continue
-        kernel = _stream_parallel if size >= PARALLEL_MIN_SIZE else _stream_serial
-        kernel(_flat(p), _flat(g), _flat(m), _flat(v))
+        views.append(flat)
+    for flat in views:
+        size = flat[0].size
+        if size:
+            (_stream_parallel if size >= PARALLEL_MIN_SIZE else _stream_serial)(*flat)
