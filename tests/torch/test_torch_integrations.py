@@ -38,13 +38,19 @@ def _run_with_scheduler(model, optimizer, scheduler, data):
     return used
 
 
+# impl="torch" is bit-identical to torch.optim; the default (numba on CPU float32) agrees to
+# rounding, see test_torch_parity.py.
+IMPL_TOL = {"torch": 0.0, "auto": 1e-6}
+
+
+@pytest.mark.parametrize("impl", list(IMPL_TOL))
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 @pytest.mark.parametrize(
     ("torch_cls", "ours"),
     [(torch.optim.Adam, at.Adam), (torch.optim.AdamW, at.AdamW)],
     ids=["Adam", "AdamW"],
 )
-def test_scheduler_sequence_and_params_match_torch(name, torch_cls, ours):
+def test_scheduler_sequence_and_params_match_torch(name, torch_cls, ours, impl):
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     make, shape = MODELS["mlp"]
@@ -52,14 +58,15 @@ def test_scheduler_sequence_and_params_match_torch(name, torch_cls, ours):
     ours_model = twin(theirs_model)
     data = batches(gen, shape, torch.float32, 40)
     theirs = torch_cls(theirs_model.parameters(), lr=0.01)
-    mine = ours(ours_model.parameters(), lr=0.01)
+    mine = ours(ours_model.parameters(), lr=0.01, impl=impl)
     expected = _run_with_scheduler(theirs_model, theirs, SCHEDULERS[name](theirs), data)
     used = _run_with_scheduler(ours_model, mine, SCHEDULERS[name](mine), data)
-    assert used == expected
+    if impl == "torch" or name != "ReduceLROnPlateau":
+        assert used == expected  # ReduceLROnPlateau under "auto" reads a loss rounded differently
     assert len({lr for lr, _ in used}) > 2  # the schedule really changed lr
     if name == "OneCycleLR":
         assert len({beta1 for _, beta1 in used}) > 2  # and cycled beta1 (via group["betas"])
-    assert max_rel_diff(ours_model, theirs_model) == 0.0, f"seed={seed}"
+    assert max_rel_diff(ours_model, theirs_model) <= IMPL_TOL[impl], f"seed={seed}"
 
 
 def test_tensor_lr_with_scheduler_matches_torch():
@@ -70,7 +77,7 @@ def test_tensor_lr_with_scheduler_matches_torch():
     ours_model = twin(theirs_model)
     data = batches(gen, shape, torch.float32, 12)
     theirs = torch.optim.Adam(theirs_model.parameters(), lr=torch.tensor(0.01))
-    mine = at.Adam(ours_model.parameters(), lr=torch.tensor(0.01))
+    mine = at.Adam(ours_model.parameters(), lr=torch.tensor(0.01), impl="torch")
     expected = _run_with_scheduler(theirs_model, theirs, SCHEDULERS["StepLR"](theirs), data)
     used = _run_with_scheduler(ours_model, mine, SCHEDULERS["StepLR"](mine), data)
     assert used == expected
@@ -100,7 +107,7 @@ def test_grad_scaler_unscales_and_skips_like_torch():
     theirs_model = make(gen)
     ours_model = twin(theirs_model)
     data = batches(gen, shape, torch.float32, 12)
-    mine = at.Adam(ours_model.parameters(), lr=1e-2)
+    mine = at.Adam(ours_model.parameters(), lr=1e-2, impl="torch")
     assert not getattr(mine, "_step_supports_amp_scaling", False)  # the scaler must unscale
     expected = _scaled_training(
         theirs_model, torch.optim.Adam(theirs_model.parameters(), lr=1e-2), data, 4

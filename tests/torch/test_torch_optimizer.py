@@ -35,7 +35,11 @@ BAD_SETTINGS = [
     ({"weight_decay": -0.1}, ValueError, r"^Invalid weight_decay value: -0\.1"),
     ({"amsgrad": 1}, TypeError, "amsgrad must be True or False, got int 1"),
     ({"maximize": "no"}, TypeError, "maximize must be True or False"),
-    ({"impl": "fast"}, ValueError, r"impl must be one of 'auto', 'torch', 'reference', got 'fast'"),
+    (
+        {"impl": "fast"},
+        ValueError,
+        r"impl must be one of 'auto', 'torch', 'reference', 'numba', got 'fast'",
+    ),
     ({"decay_mode": "none"}, ValueError, r"decay_mode must be one of 'lr_scaled', 'independent'"),
     ({"decay_mode": "independent"}, ValueError, "needs decoupled_weight_decay=True"),
     ({"foreach": True}, TypeError, "unexpected keyword argument 'foreach'"),
@@ -122,7 +126,7 @@ GRAD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", ["torch", "reference"])
+@pytest.mark.parametrize("impl", ["torch", "reference", "numba"])
 @pytest.mark.parametrize("kwargs", GRAD_CASES)
 def test_step_never_writes_into_grad(kwargs, impl):
     torch.manual_seed(fresh_seed())

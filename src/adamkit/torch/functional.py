@@ -25,7 +25,12 @@ Implementations (``impl=``):
   CPU float32/float64 tensors only.  This is how the NumPy reference (and later the fast NumPy
   kernels) run under the torch front end.  DTensors (FSDP2) are viewed through their local
   shards: the step is elementwise, so updating each rank's shard is the whole step.
-- ``"auto"``: today always ``"torch"``.  :func:`select_impl` is the single place to change that.
+- ``"numba"``: the fused kernel of :mod:`adamkit.kernels.numba_cpu` on the same NumPy views
+  (float64 bit-identical to the reference; float32 within a few ulps per step: it uses a
+  hardware FMA and a reciprocal where torch and the reference round differently).
+- ``"auto"``: ``"numba"`` for CPU float32/float64 groups when numba is installed (the fastest
+  path on CPU, see ``adamkit bench``), else ``"torch"``.  :func:`select_impl` is the one place
+  that decides.
 
 Bias corrections are computed from the step count as a Python float (double precision) in eager
 mode.  While ``torch.compile`` traces, the count stays a tensor (reading it would break the graph)
@@ -43,11 +48,11 @@ import torch
 from torch import Tensor
 
 from adamkit.core.config import AdamHyperParams
-from adamkit.kernels import adam_update_
+from adamkit.kernels import adam_update_, numba_available
 
 __all__ = ["IMPLS", "StepFn", "adam_reference_", "adam_torch_", "select_impl"]
 
-IMPLS: tuple[str, ...] = ("auto", "torch", "reference")
+IMPLS: tuple[str, ...] = ("auto", "torch", "reference", "numba")
 
 _REFERENCE_DTYPES = (torch.float32, torch.float64)
 
@@ -232,7 +237,8 @@ def _numpy_view(tensor: Tensor, dtensor: type | None) -> np.ndarray:
     return tensor.detach().numpy()
 
 
-def adam_reference_(
+def _adam_numpy_(
+    kernel: str,
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
@@ -249,12 +255,7 @@ def adam_reference_(
     amsgrad: bool,
     maximize: bool,
 ) -> None:
-    """Adam step by :func:`adamkit.kernels.adam_update_` on NumPy views of the tensors.
-
-    Tensors must be on the CPU with dtype float32 or float64 (:func:`select_impl` checks this);
-    ``lr`` is used as a Python float.  DTensors are updated through their local shards and need
-    gradient and state placed like the parameter (else ``ValueError``, before anything changes).
-    """
+    # The NumPy-backed step shared by "reference" and "numba" (kernel: adam_update_'s impl).
     if not params:
         return
     dtensor = _dtensor_type()
@@ -272,10 +273,9 @@ def adam_reference_(
         amsgrad=amsgrad,
         maximize=maximize,
     )
-    steps = []
-    for step_t in state_steps:
-        step_t += 1
-        steps.append(int(step_t.item()))
+    # One op and one read for all counts: per-tensor `.item()` calls dominate tiny tensors.
+    torch._foreach_add_(list(state_steps), 1.0)
+    steps = [int(n) for n in torch.stack(list(state_steps)).tolist()]
     adam_update_(
         views[0],
         views[1],
@@ -284,28 +284,147 @@ def adam_reference_(
         views[4] if amsgrad else [None] * len(params),
         steps,
         hp,
-        impl="reference",
+        impl=kernel,
     )
 
 
-_IMPLEMENTATIONS: dict[str, StepFn] = {"torch": adam_torch_, "reference": adam_reference_}
+def adam_reference_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+) -> None:
+    """Adam step by :func:`adamkit.kernels.adam_update_` (``impl="reference"``) on NumPy views.
+
+    Tensors must be on the CPU with dtype float32 or float64 (:func:`select_impl` checks this);
+    ``lr`` is used as a Python float.  DTensors are updated through their local shards and need
+    gradient and state placed like the parameter (else ``ValueError``, before anything changes).
+    """
+    _adam_numpy_(
+        "reference",
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        state_steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+    )
+
+
+def adam_numba_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+) -> None:
+    """Adam step by the fused numba kernel on NumPy views; same contract as :func:`adam_reference_`.
+
+    Tensors the kernel cannot take (non-contiguous) go to the reference step.  numba's thread
+    count follows ``torch.get_num_threads()`` (capped by ``NUMBA_NUM_THREADS``), so
+    ``torch.set_num_threads`` governs both.
+    """
+    _sync_numba_threads()
+    _adam_numpy_(
+        "auto",
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        state_steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+    )
+
+
+def _sync_numba_threads() -> None:
+    import numba
+
+    wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != wanted:
+        numba.set_num_threads(wanted)
+
+
+_IMPLEMENTATIONS: dict[str, StepFn] = {
+    "torch": adam_torch_,
+    "reference": adam_reference_,
+    "numba": adam_numba_,
+}
+
+
+def _numpy_backed(params: Sequence[Tensor]) -> bool:
+    return all(
+        p.device.type == "cpu"
+        and p.dtype in _REFERENCE_DTYPES
+        and (p.grad is None or p.grad.dtype == p.dtype)
+        for p in params
+    )
 
 
 def select_impl(impl: str, params: Sequence[Tensor]) -> StepFn:
     """Return the step function for ``impl`` and one group's ``params``; the one point of choice.
 
+    ``"auto"`` takes the fused numba kernel when numba is installed and every parameter is a CPU
+    float32/float64 tensor (with a gradient of the same dtype), outside ``torch.compile``
+    tracing; anything else (bfloat16, complex, CUDA, compiled steps) runs the torch-ops step.
     Raises ``ValueError`` naming ``impl`` when it is unknown or cannot run on these tensors
-    (``"reference"`` needs CPU float32/float64 tensors).
+    (``"reference"`` and ``"numba"`` need CPU float32/float64 tensors), ``ImportError`` for
+    ``"numba"`` without numba.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
     if impl == "auto":
+        if (
+            params
+            and not torch.compiler.is_compiling()
+            and _numpy_backed(params)
+            and numba_available()
+        ):
+            return adam_numba_
         return adam_torch_
-    if impl == "reference":
+    if impl == "numba" and not numba_available():
+        raise ImportError("impl='numba' needs numba: pip install adamkit[fast]")
+    if impl in ("reference", "numba"):
         for p in params:
             if p.device.type != "cpu" or p.dtype not in _REFERENCE_DTYPES:
                 raise ValueError(
-                    f"impl='reference' needs CPU float32/float64 tensors, got a {p.dtype} "
+                    f"impl={impl!r} needs CPU float32/float64 tensors, got a {p.dtype} "
                     f"tensor on {p.device}; use impl='torch' or impl='auto'"
                 )
     return _IMPLEMENTATIONS[impl]
