@@ -16,11 +16,17 @@ messages are those of every other front end), keep per-parameter state, and hand
 Dtype policy
     Parameters are float32 or float64 ``numpy.ndarray`` (any shape, 0-d and empty included) and are
     updated in place.  The state of a parameter (``exp_avg``, ``exp_avg_sq`` and, with AMSGrad,
-    ``max_exp_avg_sq``) has the parameter's shape and dtype.  A gradient may have any real floating
-    dtype (float16/32/64, longdouble): it is rounded to the parameter's dtype before the step, so a
-    float64 gradient for a float32 parameter gives exactly the result of ``grad.astype(float32)``.
-    Integer, bool and complex gradients raise ``TypeError``.  Non-finite gradients are accepted
-    (what to do with them is the guard's job); gradients are never written to.
+    ``max_exp_avg_sq``) has the parameter's shape and dtype, unless its group has a state format
+    (``state="fp32"``, ``"bf16"``, ``"int8"``, ...: :mod:`adamkit.formats`); each moment is then a
+    :class:`~adamkit.formats.Storage` of that format and the step is computed in float32 between
+    decode and encode (:mod:`adamkit.kernels.stored`, which states the sensitive-tensor rule:
+    under ``"int8"``, tensors below 4096 elements or 2 dimensions keep float32 moments).
+    A gradient may have any real floating dtype (float16/32/64, longdouble): it is rounded to the
+    parameter's dtype before the step, so a float64 gradient for a float32 parameter gives exactly
+    the result of ``grad.astype(float32)``.  Integer, bool and complex gradients raise
+    ``TypeError``.  Non-finite gradients are accepted (what to do with them is the guard's job),
+    except by formats that cannot store them (``int8``: ``ValueError``); gradients are never
+    written to.
 
 Errors
     Every check of a call runs before anything is modified: a ``ValueError``/``TypeError`` from
@@ -30,6 +36,7 @@ Errors
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -42,7 +49,15 @@ except ImportError:  # NumPy < 1.25
     from numpy import TooHardError
 
 from adamkit.core.config import AdamHyperParams, check_flag, validate_hyperparams
+from adamkit.formats import StateFormat, Storage, from_state_dict, get_format
 from adamkit.kernels import adam_update_, resolve_impl
+from adamkit.kernels.stored import (
+    adam_update_stored_,
+    check_state,
+    holds_non_finite,
+    param_format,
+    resolve_stored_impl,
+)
 
 __all__ = ["HYPERPARAM_KEYS", "STATE_FORMAT", "STATE_VERSION", "Adam", "AdamW"]
 
@@ -57,14 +72,95 @@ HYPERPARAM_KEYS: tuple[str, ...] = (
     "bias_correction",
     "decoupled_weight_decay",
 )
-_GROUP_KEYS = frozenset(("params", "name", *HYPERPARAM_KEYS))
+_GROUP_KEYS = frozenset(("params", "name", "state", *HYPERPARAM_KEYS))
+_OPTIONAL_GROUP_KEYS = frozenset({"state"})  # absent in a state_dict group: state=None
 _STATE_ARRAYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
 
 #: ``state_dict()["format"]`` and ``["version"]``: what ``load_state_dict`` accepts.
 STATE_FORMAT = "adamkit.numpy.Adam"
 STATE_VERSION = 1
 
 _PARAM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _checked_state_option(value: Any, where: str, impl: str) -> str | None:
+    """A group's ``state`` through the shared check, prefixed by ``where``; also checks that
+    ``impl`` can run the format (``"numba"`` needs a fused kernel for it)."""
+    try:
+        state = check_state(value)
+        if state is not None:
+            resolve_stored_impl(impl, get_format(state))
+    except (TypeError, ValueError) as exc:
+        if not where:
+            raise
+        raise type(exc)(f"{where}: {exc}") from None
+    return state
+
+
+def _target(state: str | None, param: np.ndarray) -> StateFormat | None:
+    """The format of ``param``'s moments in a group with ``state`` (``None``: plain arrays)."""
+    return None if state is None else param_format(state, param.shape)
+
+
+def _entry_format(entry: Mapping[str, Any]) -> str | None:
+    moment = entry["exp_avg"]
+    return moment.format if isinstance(moment, Storage) else None
+
+
+def _values(moment: np.ndarray | Storage) -> np.ndarray:
+    """A moment as an array (decoded to float32 when stored in a format)."""
+    if isinstance(moment, Storage):
+        return get_format(moment.format).load(moment)
+    return moment
+
+
+def _new_entry(param: np.ndarray, fmt: StateFormat | None, amsgrad: bool) -> dict[str, Any]:
+    roles = _STATE_ARRAYS[: 3 if amsgrad else 2]
+    if fmt is None:
+        zeros = np.zeros_like(param)
+        return {"step": 0, **{role: zeros.copy() for role in roles}}
+    return {"step": 0, **{role: fmt.zeros(param.shape, param.dtype, role=role) for role in roles}}
+
+
+def _converted(
+    entry: Mapping[str, Any],
+    param: np.ndarray,
+    fmt: StateFormat | None,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """``entry`` with its moments in ``fmt`` (``None``: arrays of the parameter's dtype).  A moment
+    already in ``fmt`` is kept as it is; others are decoded and stored (``ValueError`` when
+    ``fmt`` cannot hold them, e.g. non-finite values in ``int8``)."""
+    out: dict[str, Any] = {"step": entry["step"]}
+    for role in _STATE_ARRAYS:
+        if role not in entry:
+            continue
+        moment = entry[role]
+        if fmt is None:
+            out[role] = np.array(_values(moment), dtype=param.dtype)
+        elif isinstance(moment, Storage) and moment.format == fmt.name:
+            out[role] = moment
+        else:
+            storage = fmt.zeros(param.shape, param.dtype, role=role)
+            fmt.store(storage, _values(moment), rng=rng)
+            out[role] = storage
+    return out
+
+
+def _generator(saved: Any, where: str) -> np.random.Generator:
+    """A generator in the saved ``bit_generator.state``; ``ValueError`` naming ``where``."""
+    name = saved.get("bit_generator") if isinstance(saved, Mapping) else None
+    if name not in _BIT_GENERATORS:
+        raise ValueError(
+            f"{where} must be the state of a NumPy bit generator ({', '.join(_BIT_GENERATORS)})"
+        )
+    bit_generator = getattr(np.random, name)()
+    try:
+        bit_generator.state = copy.deepcopy(dict(saved))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"{where} is not a valid {name} state: {exc}") from None
+    return np.random.Generator(bit_generator)
 
 
 def _plain_int(value: Any) -> bool:
@@ -183,6 +279,14 @@ class Adam:
     and the reference elsewhere; ``"numba"`` requires C-contiguous plain ``ndarray`` parameters
     (checked here, ``TypeError``) and numba itself (``ImportError``).
 
+    ``state`` (also a group key, overriding it per group) chooses how moments are stored:
+    ``None`` (default) arrays of the parameter's dtype, or a format name of
+    :mod:`adamkit.formats` (``"fp32"``, ``"bf16"``, ``"int8"``, ``"int8-companded"``).  ``seed``
+    seeds the generator behind stochastic rounding (``bf16``); it is saved in
+    :meth:`state_dict`, so a resumed run rounds like an uninterrupted one.  Formats that cannot
+    hold NaN/inf (``int8``) make :meth:`step` refuse non-finite gradients (``ValueError``,
+    nothing changed).
+
     Raises ``TypeError`` for non-arrays, other dtypes, unknown group keys and badly typed
     hyper-parameters; ``ValueError`` for read-only arrays, empty parameter lists, an array given
     twice (or two overlapping views), duplicate names, out-of-range hyper-parameters and unknown
@@ -207,6 +311,8 @@ class Adam:
         bias_correction: bool = True,
         decoupled_weight_decay: bool = False,
         impl: str = "auto",
+        state: str | None = None,
+        seed: int | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -220,6 +326,10 @@ class Adam:
         }
         self.defaults: dict[str, Any] = _as_group_values(_validated(defaults, ""))
         resolve_impl(impl)
+        self.defaults["state"] = _checked_state_option(state, "", impl)
+        if seed is not None and (not _plain_int(seed) or seed < 0):
+            raise TypeError(f"seed must be None or an int >= 0, got {type(seed).__name__} {seed!r}")
+        self._rng = np.random.default_rng(seed)
         self.impl = impl
         self.param_groups: list[dict[str, Any]] = []
         self._params: list[np.ndarray] = []  # flat, in group order: the index used by state
@@ -248,9 +358,22 @@ class Adam:
 
         An entry exists once the parameter has been updated: ``{"step": int, "exp_avg": ndarray,
         "exp_avg_sq": ndarray}`` plus ``"max_exp_avg_sq"`` with AMSGrad; arrays are the live
-        buffers (modify them only through :meth:`load_state_dict`).
+        buffers (modify them only through :meth:`load_state_dict`).  In a group with a state
+        format the moments are :class:`~adamkit.formats.Storage` objects of that format.
         """
         return MappingProxyType(self._state)
+
+    def state_nbytes(self) -> int:
+        """Bytes held by the moments of every parameter (arrays, or codes and scales)."""
+        total = 0
+        for entry in self._state.values():
+            for role in _STATE_ARRAYS:
+                moment = entry.get(role)
+                if isinstance(moment, Storage):
+                    total += get_format(moment.format).nbytes(moment)
+                elif moment is not None:
+                    total += moment.nbytes
+        return total
 
     def add_param_group(self, param_group: Mapping[str, Any]) -> None:
         """Validate ``param_group`` and append it; missing hyper-parameters take ``defaults``.
@@ -265,7 +388,7 @@ class Adam:
         if unknown:
             raise TypeError(
                 f"{where} has unknown key {unknown[0]!r}; allowed keys: "
-                f"'params', 'name', {', '.join(map(repr, HYPERPARAM_KEYS))}"
+                f"'params', 'name', 'state', {', '.join(map(repr, HYPERPARAM_KEYS))}"
             )
         if "params" not in param_group:
             raise ValueError(f"{where} has no 'params' key")
@@ -290,8 +413,9 @@ class Adam:
         self._check_name(name, where, [g["name"] for g in self.param_groups])
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         values = _as_group_values(_validated(merged, where))
+        state = _checked_state_option(merged["state"], where, self.impl)
 
-        self.param_groups.append({"params": params, **values, "name": name})
+        self.param_groups.append({"params": params, **values, "name": name, "state": state})
         self._params.extend(params)
 
     def _check_distinct(self, new: list[np.ndarray], labels: list[str]) -> None:
@@ -352,16 +476,20 @@ class Adam:
             self._check_name(group["name"], where, names)
             names.append(group["name"])
             hp = _validated(group, where) if hyperparams else None
+            if hyperparams:
+                _checked_state_option(group.get("state"), where, self.impl)
             for i, param in enumerate(params):
                 label = f"{where}['params'][{i}]"
                 _check_param(param, label, self.impl)
                 state = self._state.get(start + i)
                 if state is None or hp is None:
                     continue
-                if state["exp_avg"].shape != param.shape or state["exp_avg"].dtype != param.dtype:
+                moment = state["exp_avg"]
+                dtype = param.dtype if isinstance(moment, Storage) else moment.dtype
+                if moment.shape != param.shape or dtype != param.dtype:
                     raise ValueError(
                         f"{label} now has shape {param.shape} and dtype {param.dtype}, but its "
-                        f"state has {state['exp_avg'].shape} and {state['exp_avg'].dtype}"
+                        f"state has {moment.shape} and {dtype}"
                     )
                 if ("max_exp_avg_sq" in state) != hp.amsgrad:
                     raise ValueError(
@@ -458,6 +586,8 @@ class Adam:
             for (g, where), p in zip(flat, self._params, strict=True)
         ]
 
+        self._check_encodable(checked, [where for _, where in flat])
+
         start = 0
         for group, hp in zip(self.param_groups, hps, strict=True):
             indices = [
@@ -465,21 +595,46 @@ class Adam:
             ]
             start += len(group["params"])
             if indices:
-                self._update_group(indices, [checked[i] for i in indices], hp)
+                self._update_group(indices, [checked[i] for i in indices], hp, group.get("state"))
+
+    def _check_encodable(self, grads: list[np.ndarray | None], labels: list[str]) -> None:
+        # int8 codes cannot hold NaN/inf: refuse such a step before anything changes.
+        start = 0
+        for group in self.param_groups:
+            count = len(group["params"])
+            state = group.get("state")
+            if state is not None and not holds_non_finite(get_format(state)):
+                rows = zip(grads[start : start + count], labels[start : start + count], strict=True)
+                for g, label in rows:
+                    if g is not None and not np.isfinite(g).all():
+                        raise ValueError(
+                            f"{label} has non-finite values, which state={state!r} cannot "
+                            "store; nothing was changed (skip such steps before step())"
+                        )
+            start += count
 
     def _update_group(
-        self, indices: list[int], grads: list[np.ndarray], hp: AdamHyperParams
+        self,
+        indices: list[int],
+        grads: list[np.ndarray],
+        hp: AdamHyperParams,
+        state_option: str | None,
     ) -> None:
         states = []
         for i in indices:
+            param = self._params[i]
+            fmt = _target(state_option, param)
             state = self._state.get(i)
             if state is None:
-                zeros = np.zeros_like(self._params[i])
-                state = {"step": 0, "exp_avg": zeros, "exp_avg_sq": zeros.copy()}
-                if hp.amsgrad:
-                    state["max_exp_avg_sq"] = zeros.copy()
+                state = _new_entry(param, fmt, hp.amsgrad)
+            elif _entry_format(state) != (None if fmt is None else fmt.name):
+                # the group's state was changed since: re-encode in the new format
+                state = _converted(state, param, fmt, self._rng)
             states.append(state)
         steps = [state["step"] + 1 for state in states]
+        if state_option is not None:
+            self._update_stored(indices, grads, states, steps, hp)
+            return
         adam_update_(
             [self._params[i] for i in indices],
             grads,
@@ -494,6 +649,34 @@ class Adam:
             state["step"] = step
             self._state[i] = state
 
+    def _update_stored(
+        self,
+        indices: list[int],
+        grads: list[np.ndarray],
+        states: list[dict[str, Any]],
+        steps: list[int],
+        hp: AdamHyperParams,
+    ) -> None:
+        # One dispatcher call per format (the sensitive-tensor rule may mix two in a group).
+        buckets: dict[str, tuple[StateFormat, list[tuple[Any, ...]]]] = {}
+        for i, grad, state, step in zip(indices, grads, states, steps, strict=True):
+            fmt = get_format(_entry_format(state))
+            row = (
+                self._params[i],
+                grad,
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                state.get("max_exp_avg_sq"),
+                step,
+            )
+            buckets.setdefault(fmt.name, (fmt, []))[1].append(row)
+        for fmt, rows in buckets.values():
+            columns = [list(column) for column in zip(*rows, strict=True)]
+            adam_update_stored_(fmt, *columns, hp, rng=self._rng, impl=self.impl)
+        for i, state, step in zip(indices, states, steps, strict=True):
+            state["step"] = step
+            self._state[i] = state
+
     def state_dict(self) -> dict[str, Any]:
         """A snapshot of the optimizer as plain Python and NumPy objects (arrays are copies).
 
@@ -502,30 +685,40 @@ class Adam:
         [{hyper-parameters..., "name": str | None, "params": [index, ...]}]}``, where ``index`` is
         a parameter's position across groups (as in torch).  Raises like :meth:`step` if
         ``param_groups`` holds invalid values.
+
+        With state formats (optional entries, absent otherwise, so a ``state=None`` dict is the
+        same as before formats existed): a group has ``"state"`` (the format name), a moment
+        stored in a format is the dict of ``StateFormat.to_state_dict`` (its compact form: codes
+        and scales, or bf16 bits, with the format named in it), and ``"rng"`` holds the state of
+        the generator behind stochastic rounding.
         """
         hps = self._check_groups()
         groups = []
         start = 0
         for group, hp in zip(self.param_groups, hps, strict=True):
             count = len(group["params"])
-            groups.append(
-                {
-                    **_as_group_values(hp),
-                    "name": group["name"],
-                    "params": list(range(start, start + count)),
-                }
-            )
+            saved = {
+                **_as_group_values(hp),
+                "name": group["name"],
+                "params": list(range(start, start + count)),
+            }
+            if group.get("state") is not None:
+                saved["state"] = group["state"]
+            groups.append(saved)
             start += count
         state = {
-            index: {key: (value.copy() if key != "step" else value) for key, value in entry.items()}
+            index: {key: _saved_value(value) for key, value in entry.items()}
             for index, entry in sorted(self._state.items())
         }
-        return {
+        out = {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "state": state,
             "param_groups": groups,
         }
+        if any(group.get("state") is not None for group in self.param_groups):
+            out["rng"] = copy.deepcopy(self._rng.bit_generator.state)
+        return out
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Replace hyper-parameters and state by those of ``state_dict`` (from :meth:`state_dict`).
@@ -535,6 +728,12 @@ class Adam:
         setting, an int ``step`` >= 0, and arrays of its parameter's shape and exact dtype
         (``exp_avg_sq``/``max_exp_avg_sq`` without negative entries).  Arrays are copied.
 
+        State formats: each group keeps *this* optimizer's ``state``, and every moment is
+        converted to the format its parameter has here (plain arrays, ``fp32``, ``bf16``,
+        ``int8``, ... in any direction; the same format is taken exactly).  A saved moment in a
+        format is validated by that format (registered name, version, shape, code length, dtype
+        and range); values the target cannot hold (non-finite into ``int8``) are refused.
+
         Everything is checked first: a bad dict raises ``ValueError`` (values, structure) or
         ``TypeError`` (types) and leaves the optimizer unchanged.  Invalid hyper-parameters set in
         ``param_groups`` since the last step do not prevent loading; the loaded ones replace them.
@@ -542,7 +741,9 @@ class Adam:
         self._check_groups(hyperparams=False)
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        _check_keys(state_dict, {"format", "version", "state", "param_groups"}, "state_dict")
+        _check_keys(
+            state_dict, {"format", "version", "state", "param_groups"}, "state_dict", {"rng"}
+        )
         if state_dict["format"] != STATE_FORMAT:
             raise ValueError(
                 f"state_dict['format'] must be {STATE_FORMAT!r}, got {state_dict['format']!r}"
@@ -566,11 +767,18 @@ class Adam:
         new_values = []
         position: dict[int, int] = {}  # saved parameter index -> position in self._params
         group_of: list[AdamHyperParams] = []
+        targets: list[StateFormat | None] = []
+        rng = (
+            _generator(state_dict["rng"], "state_dict['rng']")
+            if "rng" in state_dict
+            else copy.deepcopy(self._rng)
+        )
         for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             where = f"state_dict['param_groups'][{g}]"
             if not isinstance(saved, Mapping):
                 raise TypeError(f"{where} must be a dict, got {type(saved).__name__}")
-            _check_keys(saved, set(_GROUP_KEYS), where)
+            _check_keys(saved, set(_GROUP_KEYS - _OPTIONAL_GROUP_KEYS), where, _OPTIONAL_GROUP_KEYS)
+            _checked_state_option(saved.get("state"), where, "reference")
             ids = saved["params"]
             if not isinstance(ids, (list, tuple)) or not all(_plain_int(i) for i in ids):
                 raise TypeError(f"{where}['params'] must be a list of int indices")
@@ -591,6 +799,7 @@ class Adam:
             hp = _validated(saved, where)
             new_values.append(_as_group_values(hp))
             group_of.extend([hp] * len(ids))
+            targets.extend(_target(group.get("state"), p) for p in group["params"])
 
         saved_state = state_dict["state"]
         if not isinstance(saved_state, Mapping):
@@ -602,13 +811,17 @@ class Adam:
             if int(key) not in position:
                 raise ValueError(f"state_dict['state'] has index {int(key)}, which no group lists")
             index = position[int(key)]
-            new_state[index] = _checked_state(
-                entry, self._params[index], group_of[index], f"state_dict['state'][{int(key)}]"
-            )
+            where = f"state_dict['state'][{int(key)}]"
+            checked = _checked_state(entry, self._params[index], group_of[index], where)
+            try:
+                new_state[index] = _converted(checked, self._params[index], targets[index], rng)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
 
         for group, values in zip(self.param_groups, new_values, strict=True):
             group.update(values)
         self._state = new_state
+        self._rng = rng
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -623,11 +836,22 @@ class Adam:
         return "\n".join(lines)
 
 
-def _check_keys(mapping: Mapping[str, Any], expected: set[str], where: str) -> None:
+def _saved_value(value: Any) -> Any:
+    if isinstance(value, Storage):
+        return get_format(value.format).to_state_dict(value)
+    return value.copy() if isinstance(value, np.ndarray) else value
+
+
+def _check_keys(
+    mapping: Mapping[str, Any],
+    expected: set[str],
+    where: str,
+    optional: Iterable[str] = (),
+) -> None:
     missing = sorted(expected - set(mapping))
     if missing:
         raise ValueError(f"{where} lacks the key {missing[0]!r}")
-    unknown = sorted(map(repr, set(mapping) - expected))
+    unknown = sorted(map(repr, set(mapping) - expected - set(optional)))
     if unknown:
         raise ValueError(f"{where} has unknown key {unknown[0]}")
 
@@ -655,8 +879,14 @@ def _checked_state(
             continue
         array = entry[key]
         label = f"{where}[{key!r}]"
+        if isinstance(array, Mapping):
+            out[key] = _checked_storage(array, param, key, label)
+            continue
         if not isinstance(array, np.ndarray):
-            raise TypeError(f"{label} must be a numpy.ndarray, got {type(array).__name__}")
+            raise TypeError(
+                f"{label} must be a numpy.ndarray, got {type(array).__name__} (or, for a moment "
+                "in a state format, that format's dict)"
+            )
         if array.dtype != param.dtype:
             raise TypeError(
                 f"{label} has dtype {array.dtype}, expected {param.dtype} (its parameter's)"
@@ -669,6 +899,19 @@ def _checked_state(
             raise ValueError(f"{label} has negative entries; a second moment is >= 0")
         out[key] = array.copy()
     return out
+
+
+def _checked_storage(saved: Mapping[str, Any], param: np.ndarray, role: str, label: str) -> Storage:
+    """A moment saved in a state format, validated by that format for ``param``'s shape."""
+    try:
+        storage = from_state_dict(saved, param.shape)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{label}: {exc}") from None
+    if storage.role != role:
+        raise ValueError(f"{label} holds the role {storage.role!r}, expected {role!r}")
+    if role != "exp_avg" and bool(np.any(_values(storage) < 0)):
+        raise ValueError(f"{label} has negative entries; a second moment is >= 0")
+    return storage
 
 
 class AdamW(Adam):
@@ -691,6 +934,8 @@ class AdamW(Adam):
         maximize: bool = False,
         bias_correction: bool = True,
         impl: str = "auto",
+        state: str | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -703,4 +948,6 @@ class AdamW(Adam):
             bias_correction=bias_correction,
             decoupled_weight_decay=True,
             impl=impl,
+            state=state,
+            seed=seed,
         )

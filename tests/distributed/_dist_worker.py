@@ -33,6 +33,7 @@ from _dist_cases import (
     state_snapshot,
     train,
 )
+from _dist_guard import GUARD_SCENARIOS
 from torch import nn
 
 import adamkit.torch as at
@@ -262,6 +263,8 @@ def main(payload: dict[str, Any]) -> None:
         results: dict[str, Any] = {}
         if scenario == "checks":
             results = run_checks(args)
+        elif scenario in GUARD_SCENARIOS:
+            results = GUARD_SCENARIOS[scenario](args)
         else:
             # Results by case id, or by "<engine>/<case id>" for scenarios run on several.
             for engine in args.get("engines", [None]):

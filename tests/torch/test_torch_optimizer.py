@@ -272,3 +272,14 @@ def test_param_groups_with_decay_rule():
         at.param_groups_with_decay([nn.Parameter(torch.ones(2))])
     with pytest.raises(TypeError, match=r"no_decay must be a tuple of nn\.Module subclasses"):
         at.param_groups_with_decay(nn.Linear(2, 2), no_decay=nn.LayerNorm)
+
+
+def test_groups_may_repeat_but_not_change_optimizer_wide_settings():
+    # ZeroRedundancyOptimizer passes every keyword as a group default, guard= included.
+    p, q = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    opt = at.Adam([{"params": [p], "guard": "all", "process_group": None}], guard="all")
+    assert "guard" not in opt.param_groups[0] and "process_group" not in opt.param_groups[0]
+    before = len(opt.param_groups)
+    with pytest.raises(TypeError, match=r"guard is an optimizer-wide setting"):
+        opt.add_param_group({"params": [q], "guard": False})
+    assert len(opt.param_groups) == before

@@ -1,29 +1,59 @@
 """Helpers for adamkit's torch optimizers under ``torch.distributed``.
 
-adamkit does no communication of its own.  DDP, ZeRO-1
+The Adam step does no communication of its own (the stability guard does one small
+``all_reduce`` per step so that every rank decides the same; see :mod:`adamkit.torch.guarded`).
+DDP, ZeRO-1
 (``torch.distributed.optim.ZeroRedundancyOptimizer(params, optimizer_class=adamkit.torch.Adam)``),
 FSDP2 (``torch.distributed.fsdp.fully_shard``) and distributed checkpoints
 (``torch.distributed.checkpoint`` with ``get_state_dict``/``set_state_dict``) drive
 :class:`adamkit.torch.Adam`/``AdamW`` exactly as they drive ``torch.optim.Adam``.  The Adam step is
 elementwise, so on FSDP2's DTensor parameters it updates each rank's shard and creates state for
-that shard only.  This module adds the two things those engines do not provide:
+that shard only.  This module adds what those engines do not provide:
 
 - :func:`state_nbytes`: bytes of optimizer state held by this process, to check what sharding saves;
 - :func:`any_rank`: one ``all_reduce`` so that every rank takes the same decision (a step that one
-  rank must skip is skipped by all of them, or the replicas drift apart).
+  rank must skip is skipped by all of them, or the replicas drift apart);
+- :func:`guard_checkpoint_state` / :func:`load_guard_checkpoint`: the guard's state in a
+  distributed checkpoint.  ``get_state_dict`` rebuilds the optimizer's state dict from
+  ``"state"`` and ``"param_groups"`` only (it renames parameters to their FQNs, and every other
+  top-level key is dropped), and ``set_state_dict`` hands ``load_state_dict`` those two keys
+  only, which starts the guard afresh.  So the guard travels as an application-level key::
+
+      model_sd, optim_sd = get_state_dict(model, optimizer)
+      dcp.save({"model": model_sd, "optim": optim_sd,
+                "guard": guard_checkpoint_state(optimizer)}, checkpoint_id=path)
+      ...
+      model_sd, optim_sd = get_state_dict(model, optimizer)
+      state = {"model": model_sd, "optim": optim_sd}
+      dcp.load(state, checkpoint_id=path)
+      set_state_dict(model, optimizer, model_state_dict=state["model"],
+                     optim_state_dict=state["optim"])
+      load_guard_checkpoint(optimizer, checkpoint_id=path)   # after set_state_dict
 
 Everything here works without an initialized process group (then it describes the one process).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["any_rank", "state_nbytes"]
+__all__ = [
+    "GUARD_CHECKPOINT_FORMAT",
+    "GUARD_CHECKPOINT_VERSION",
+    "any_rank",
+    "guard_checkpoint_state",
+    "load_guard_checkpoint",
+    "reduce_device",
+    "state_nbytes",
+]
+
+GUARD_CHECKPOINT_FORMAT = "adamkit.torch.guard.dcp"
+GUARD_CHECKPOINT_VERSION = 1
 
 
 def _dtensor_type() -> type | None:
@@ -83,8 +113,10 @@ def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def _default_device(group: Any) -> torch.device:
-    # NCCL reduces only CUDA tensors; every other backend adamkit meets (gloo, mpi) takes CPU ones.
+def reduce_device(group: Any = None) -> torch.device:
+    """The device small control tensors are reduced on for ``group`` (``None``: the default
+    group, which must be initialized): the current CUDA device when the group's backend is NCCL
+    (it reduces only CUDA tensors), else the CPU (gloo, mpi)."""
     backend = str(torch.distributed.get_backend(group))
     if "nccl" in backend and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
@@ -117,6 +149,194 @@ def any_rank(flag: bool | Tensor, *, group: Any = None) -> bool:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return bool(flag.item()) if local is not None else flag
     if local is None:
-        local = torch.tensor([int(flag)], dtype=torch.int32, device=_default_device(group))
+        local = torch.tensor([int(flag)], dtype=torch.int32, device=reduce_device(group))
     torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX, group=group)
     return bool(local.item())
+
+
+# -- the guard in distributed checkpoints --------------------------------------------------------
+
+
+def _torch_guard(optimizer: Any) -> Any:
+    # Imported here: adamkit.torch.guarded imports this module for its reductions.
+    from adamkit.torch.guarded import TorchGuard
+
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    guard = getattr(optimizer, "_guard", None)
+    if not isinstance(guard, TorchGuard):
+        raise ValueError(
+            f"{type(optimizer).__name__} has no adamkit guard (adamkit.torch.Adam/AdamW or "
+            "GuardedOptimizer with guard on)"
+        )
+    return guard
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _snapshot_layout(state: dict[str, Any]) -> dict[str, Any]:
+    # What load_guard_checkpoint needs to allocate the tensors before DCP fills them: global
+    # shape and dtype of each tensor; other values travel in the JSON itself.
+    layout: dict[str, Any] = {"params": len(state["params"]), "state": {}}
+    for index, entry in state["state"].items():
+        keys: dict[str, Any] = {}
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                keys[key] = {"shape": list(value.shape), "dtype": _dtype_name(value.dtype)}
+            else:
+                keys[key] = {"value": value}
+        layout["state"][str(index)] = keys
+    return layout
+
+
+def guard_checkpoint_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The guard of an adamkit optimizer as an entry for ``torch.distributed.checkpoint.save``.
+
+    ``optimizer``: ``adamkit.torch.Adam``/``AdamW`` or a :class:`~adamkit.torch.GuardedOptimizer`
+    with its guard on (for ``ZeroRedundancyOptimizer`` pass its ``.optim``).  Returns
+    ``{"meta": str, "snapshot": {...}}``: ``meta`` is JSON (format, version, the guard's numbers
+    from :meth:`adamkit.guard.Guard.state_dict`, the snapshot's layout); ``snapshot`` is present
+    only while the guard holds a rollback snapshot, as ``{"params": {"<i>": tensor}, "state":
+    {"<i>": {key: tensor}}}`` (``i`` numbers the parameters in ``param_groups`` order, like
+    torch's state dicts), references to the live copies (DTensors under FSDP2, so each rank
+    saves its shards).  Put it under a key of its own next to ``get_state_dict``'s (see the
+    module docstring).  Raises ``TypeError`` for a non-optimizer, ``ValueError`` without a guard
+    or for snapshot state that is neither a tensor nor JSON-serialisable.
+    """
+    from adamkit.torch.guarded import STATE_FORMAT, STATE_VERSION
+
+    guard = _torch_guard(optimizer)
+    full = guard.state_dict()
+    snapshot = full["snapshot"]
+    meta = {
+        "format": GUARD_CHECKPOINT_FORMAT,
+        "version": GUARD_CHECKPOINT_VERSION,
+        "guard_format": STATE_FORMAT,
+        "guard_version": STATE_VERSION,
+        "guard": full["guard"],
+        "snapshot": None if snapshot is None else _snapshot_layout(snapshot),
+    }
+    try:
+        text = json.dumps(meta)
+    except TypeError as error:
+        raise ValueError(f"guard checkpoint: state that JSON cannot hold ({error})") from None
+    out: dict[str, Any] = {"meta": text}
+    if snapshot is not None:
+        out["snapshot"] = {
+            "params": {str(i): t for i, t in enumerate(snapshot["params"])},
+            "state": {
+                str(i): {k: v for k, v in entry.items() if isinstance(v, Tensor)}
+                for i, entry in snapshot["state"].items()
+            },
+        }
+    return out
+
+
+def _placeholder(param: Tensor, template: Any, spec: dict[str, Any], where: str) -> Tensor:
+    # A tensor of the saved global shape and dtype, laid out like this run's state (DTensor
+    # shards under FSDP2) so that DCP reshards into it.
+    shape = tuple(spec["shape"])
+    dtype = getattr(torch, spec["dtype"], None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{where}: unknown dtype {spec['dtype']!r}")
+    if isinstance(template, Tensor) and tuple(template.shape) == shape and template.dtype == dtype:
+        return torch.empty_like(template)
+    if shape == tuple(param.shape):
+        return torch.empty_like(param, dtype=dtype)
+    if shape == ():
+        return torch.empty((), dtype=dtype)
+    raise ValueError(
+        f"{where} is {spec['dtype']} {shape}; this optimizer has no state of that shape for "
+        f"a parameter of shape {tuple(param.shape)}"
+    )
+
+
+def load_guard_checkpoint(
+    optimizer: torch.optim.Optimizer,
+    checkpoint_id: Any = None,
+    *,
+    storage_reader: Any = None,
+    key: str = "guard",
+) -> None:
+    """Load what :func:`guard_checkpoint_state` saved under ``key`` into ``optimizer``'s guard.
+
+    Call it on every rank (it runs ``torch.distributed.checkpoint.load``, a collective, once for
+    the numbers and, when a snapshot was saved, once more for its tensors, allocated like this
+    run's parameters and state so that DCP reshards them to any number of ranks) and after
+    ``set_state_dict``, whose ``load_state_dict`` starts the guard afresh.  ``checkpoint_id`` /
+    ``storage_reader`` as for ``dcp.load``.  The live configuration is kept (see
+    :meth:`adamkit.guard.Guard.load_state_dict`).  Raises ``TypeError``/``ValueError`` for an
+    optimizer without a guard, an entry of another format, or a snapshot that does not fit the
+    parameters, and whatever ``dcp.load`` raises for a checkpoint without ``key``; the guard is
+    unchanged then.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from adamkit.torch.guarded import STATE_FORMAT, STATE_VERSION, _all_params
+
+    guard = _torch_guard(optimizer)
+    loaded: dict[str, Any] = {key: {"meta": ""}}
+    dcp.load(loaded, checkpoint_id=checkpoint_id, storage_reader=storage_reader)
+    text = loaded[key]["meta"]
+    meta = json.loads(text) if isinstance(text, str) else None
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != GUARD_CHECKPOINT_FORMAT
+        or meta.get("version") != GUARD_CHECKPOINT_VERSION
+    ):
+        raise ValueError(
+            f"checkpoint entry {key!r} is not a {GUARD_CHECKPOINT_FORMAT!r} version "
+            f"{GUARD_CHECKPOINT_VERSION} guard state"
+        )
+    snapshot = None
+    layout = meta["snapshot"]
+    if layout is not None:
+        params = _all_params(optimizer)
+        if layout["params"] != len(params):
+            raise ValueError(
+                f"the guard snapshot in the checkpoint holds {layout['params']} parameters, "
+                f"this optimizer has {len(params)}"
+            )
+        target: dict[str, Any] = {
+            "params": {str(i): torch.empty_like(p) for i, p in enumerate(params)},
+            "state": {},
+        }
+        for index, keys in layout["state"].items():
+            param = params[int(index)]
+            live = optimizer.state.get(param, {})
+            target["state"][index] = {
+                name: _placeholder(
+                    param, live.get(name), spec, f"guard snapshot state {index} {name!r}"
+                )
+                for name, spec in keys.items()
+                if "value" not in spec
+            }
+        dcp.load(
+            {key: {"snapshot": target}}, checkpoint_id=checkpoint_id, storage_reader=storage_reader
+        )
+        snapshot = {
+            "params": [target["params"][str(i)] for i in range(len(params))],
+            "state": {
+                int(index): {
+                    name: spec["value"] if "value" in spec else target["state"][index][name]
+                    for name, spec in keys.items()
+                }
+                for index, keys in layout["state"].items()
+            },
+        }
+    entry = {
+        "format": meta.get("guard_format"),
+        "version": meta.get("guard_version"),
+        "guard": meta.get("guard"),
+        "snapshot": snapshot,
+    }
+    if entry["format"] != STATE_FORMAT or entry["version"] != STATE_VERSION:
+        raise ValueError(
+            f"checkpoint entry {key!r} holds guard state {entry['format']!r} version "
+            f"{entry['version']!r}; this adamkit reads {STATE_FORMAT!r} version {STATE_VERSION}"
+        )
+    guard.prepare_load(optimizer, entry)()

@@ -13,6 +13,50 @@ same one sync that ``GradScaler`` makes).  The norm doubles as the gradient-norm
 ``track_update_norm`` costs a copy of the parameters and two more reductions; update clipping
 ``"rms"`` one reduction and one sync per tensor; snapshots the memory stated on
 :class:`TorchSnapshot`.
+
+Under ``torch.distributed`` the guard is collective: every rank takes the same decision, so
+replicas never drift apart and a sharded model never applies a step on some shards only.
+
+- Which group.  ``process_group=None`` (the default of :class:`TorchGuard`, ``Adam``/``AdamW``
+  and :class:`GuardedOptimizer`): the default process group when one is initialized and has more
+  than one rank, else no communication at all.  A ``ProcessGroup``: that group.  ``False``: never
+  communicate (an optimizer used on some ranks only, or replicas meant to decide on their own).
+  Every rank of the group must call ``step()`` on its optimizer, as for any collective, and with
+  the same guard configuration.  The check costs nothing when unused; no ``torch.distributed``
+  submodule is imported for it.
+- What is reduced, once per step: each rank contributes one row (its local sum of squared
+  gradients, split into plain tensors and DTensor shards; its loss; whether it gave one; whether
+  its loss was invalid), and one ``all_reduce`` (SUM) of a ``world_size x 5`` float64 table in
+  which every other rank's row is zero gathers all rows exactly, on every rank.  Each rank then
+  computes the same global norm and mean loss from the same table, in rank order, so the
+  decisions agree bit for bit; one device-to-host transfer reads the table (the one sync the
+  local guard makes anyway).  With ``track_update_norm`` the update and parameter norms take a
+  second, equal-sized reduction after the update.  Neither happens when the configuration needs
+  neither the gradient norm nor the loss (``skip_nonfinite=False``, no spike handling).
+- Gradient norm.  DTensor gradients (FSDP2) count their local shard, divided by the number of
+  replicas along ``Replicate`` mesh dimensions, and the shards are summed over the ranks.  Plain
+  gradients are ambiguous: under DDP every rank holds the same all-reduced gradients, under
+  ZeRO-1 (``ZeroRedundancyOptimizer``, whose inner optimizer holds only this rank's parameters)
+  each holds different ones.  When every rank reports a bit-identical plain sum of squares (what
+  DDP's identical gradients give) it is counted once, otherwise the ranks' sums are added; so the
+  norm is exact in both cases, and the decision is the same on every rank in all cases.  A NaN or
+  Inf on any rank, in any shard, makes the norm non-finite everywhere: every rank skips.
+- Loss.  Each rank's loss is its own batch's; the guard judges the mean over the ranks that gave
+  one (float64, rank order), so loss-spike skips, snapshots and rollbacks happen on all ranks
+  together.  With loss-spike handling on, a loss that is not a real number on some rank raises
+  on every rank (the original error there, ``ValueError`` naming the rank elsewhere) after the
+  reduction and changes nothing, instead of leaving the other ranks waiting in the collective;
+  without it the loss is only a diagnostic and an invalid one is left out.
+- Per-rank parts.  Update clipping ``"rms"`` uses each tensor's mean over all of its elements:
+  on a DTensor (FSDP2) the mean is reduced by DTensor inside the step (one small reduction per
+  tensor, on the ``impl="torch"``/``"auto"`` path, which the NumPy-backed implementations fall
+  back to for DTensors); under ZeRO-1 each tensor lives on one rank whole.  The counter
+  ``n_update_clipped`` and the factors count this rank's tensors.
+- Checkpoints.  :meth:`TorchGuard.state_dict` rides along in ``optimizer.state_dict()``, but
+  ``torch.distributed.checkpoint.state_dict.get_state_dict`` keeps only ``"state"`` and
+  ``"param_groups"`` (it rebuilds the dict around parameter names); save the guard next to it
+  with :func:`adamkit.torch.distributed.guard_checkpoint_state` and load it with
+  :func:`adamkit.torch.distributed.load_guard_checkpoint`.
 """
 
 from __future__ import annotations
@@ -30,10 +74,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adamkit.core.config import AdamHyperParams
+from adamkit.core.config import AdamHyperParams, to_real
 from adamkit.guard import Guard, GuardConfig, StepPlan, clipped_adam_update_, resolve_guard
+from adamkit.torch.distributed import reduce_device
+from adamkit.torch.functional import adam_torch_
 
-__all__ = ["GuardedOptimizer", "TorchGuard", "TorchSnapshot", "adam_numpy_clipped_", "global_norm"]
+__all__ = [
+    "GuardedOptimizer",
+    "TorchGuard",
+    "TorchSnapshot",
+    "adam_numpy_clipped_",
+    "check_process_group",
+    "global_norm",
+]
 
 STATE_FORMAT = "adamkit.torch.guard"
 STATE_VERSION = 1
@@ -82,6 +135,161 @@ def global_norm(tensors: Iterable[Tensor]) -> float:
     for parts in squares.values():
         total += torch.stack(parts).sum().item()
     return math.sqrt(total) if not math.isnan(total) else math.nan
+
+
+# -- the collective part (see "Under torch.distributed" in the module docstring) ---------------
+
+
+def _dtensor_type() -> type | None:
+    # No DTensor can exist unless torch.distributed.tensor was imported; never import it here.
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def check_process_group(process_group: Any) -> Any:
+    """Validate the ``process_group=`` argument of a guard: ``None`` (the default group when one
+    is initialized), ``False`` (never communicate) or a ``torch.distributed.ProcessGroup``.
+    Returns it; raises ``TypeError`` for anything else (``True`` included)."""
+    if process_group is None or process_group is False:
+        return process_group
+    group_type = getattr(torch.distributed, "ProcessGroup", None)
+    if group_type is not None and isinstance(process_group, group_type):
+        return process_group
+    raise TypeError(
+        "process_group must be None (the default process group, when initialized), False (no "
+        f"communication) or a torch.distributed.ProcessGroup, got {type(process_group).__name__} "
+        f"{process_group!r}"
+    )
+
+
+def _active_group(process_group: Any) -> tuple[bool, Any]:
+    # (communicate?, group argument for torch.distributed); a group of one rank needs nothing.
+    if process_group is False:
+        return False, None
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group is None:
+            return False, None
+        raise RuntimeError("the guard's process_group is set but no process group is initialized")
+    return dist.get_world_size(process_group) > 1, process_group
+
+
+# Columns of the per-rank row: sums of squares of plain tensors and of DTensor shards (already
+# divided by their replication), the loss, loss given (0/1), loss invalid (0/1).
+_PLAIN, _SHARDED, _LOSS, _HAS_LOSS, _BAD_LOSS = range(5)
+_ROW = 5
+
+
+def _local_parts(tensors: Iterable[Tensor]) -> list[tuple[Tensor, int, float]]:
+    """``(local tensor, column, weight)`` per tensor: a DTensor gives its local shard, in the
+    sharded column, weighted by 1 / (replicas along its Replicate mesh dimensions)."""
+    dtensor = _dtensor_type()
+    parts = []
+    for t in tensors:
+        if dtensor is not None and isinstance(t, dtensor):
+            replicas = 1
+            for dim, placement in enumerate(t.placements):
+                if placement.is_replicate():
+                    replicas *= t.device_mesh.size(dim)
+            parts.append((t.to_local(), _SHARDED, 1.0 / replicas))
+        else:
+            parts.append((t, _PLAIN, 1.0))
+    return parts
+
+
+def _sum_squares_into(
+    row: Tensor, parts: Iterable[tuple[Tensor, int, float]], offset: int = 0
+) -> None:
+    """Add each part's weighted sum of squares to ``row[offset + column]`` (float64, on the
+    row's device) without reading anything back to the host."""
+    buckets: dict[tuple[torch.device, torch.dtype, int, float], list[Tensor]] = {}
+    for t, column, weight in parts:
+        if t.is_sparse:
+            t = t.coalesce().values()
+        buckets.setdefault((t.device, t.dtype, column, weight), []).append(t.detach())
+    for (_, dtype, column, weight), group in buckets.items():
+        if dtype in _LOW_PRECISION:
+            norms = torch._foreach_norm(group, 2, dtype=torch.float32)
+        else:
+            norms = torch._foreach_norm(group)
+        square = torch.stack(norms).to(row.device, torch.float64).square().sum()
+        row[offset + column] += square * weight if weight != 1.0 else square
+
+
+def _combine(values: Sequence[float]) -> float:
+    # Plain tensors: bit-identical sums on every rank are one replicated set (DDP), counted once;
+    # otherwise the ranks hold different tensors (ZeRO-1) and the sums add.  NaN != NaN, so a
+    # NaN anywhere goes to the sum and stays NaN.
+    first = values[0]
+    return first if all(v == first for v in values) else sum(values)
+
+
+def _norm_from(rows: Sequence[Sequence[float]], offset: int = 0) -> float:
+    plain = _combine([row[offset + _PLAIN] for row in rows])
+    sharded = sum(row[offset + _SHARDED] for row in rows)
+    total = plain + sharded
+    return math.nan if math.isnan(total) else math.sqrt(total)
+
+
+def _gather_rows(row: Tensor, group: Any) -> list[list[float]]:
+    """Every rank's ``row`` (1-d float64 on :func:`~adamkit.torch.distributed.reduce_device`), in
+    rank order: one ``all_reduce`` (SUM) of a table that is zero outside this rank's row, which
+    adds only exact zeros to each entry, then one read to the host."""
+    dist = torch.distributed
+    table = row.new_zeros((dist.get_world_size(group), row.numel()))
+    table[dist.get_rank(group)] = row
+    dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
+    return table.tolist()
+
+
+def _loss_entry(row: Tensor, loss: Any, strict: bool) -> BaseException | None:
+    # Write the loss into the row without reading it to the host.  An invalid loss is an error
+    # only when loss-spike handling needs it (``strict``; else, as in _guard_loss, it is no
+    # reason to fail and is left out): it is recorded in the row and returned, to be raised
+    # after the collective so that no rank is left waiting.
+    if loss is None:
+        return None
+    try:
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"loss must be a single number, got an array/tensor of {loss.numel()} elements"
+                )
+            if loss.is_complex() or loss.dtype == torch.bool:
+                raise TypeError(f"loss must be a real number, got a {loss.dtype} tensor")
+            row[_LOSS] = loss.detach().reshape(()).to(row.device, torch.float64)
+        else:
+            row[_LOSS] = to_real(loss, "loss")
+    except (TypeError, ValueError) as error:
+        row[_LOSS] = 0.0
+        if not strict:
+            return None
+        row[_BAD_LOSS] = 1.0
+        return error
+    row[_HAS_LOSS] = 1.0
+    return None
+
+
+def _collective_inputs(
+    grads: Sequence[Tensor], loss: Any, group: Any, config: GuardConfig
+) -> tuple[float | None, float | None]:
+    """(global gradient norm, or None when ``config`` does not need it; mean loss over the ranks
+    that gave one, or None), the same on every rank of ``group``; one collective."""
+    row = torch.zeros(_ROW, dtype=torch.float64, device=reduce_device(group))
+    if config.needs_grad_norm:
+        _sum_squares_into(row, _local_parts(grads))
+    error = _loss_entry(row, loss, strict=config.loss_spike)
+    rows = _gather_rows(row, group)
+    bad = [rank for rank, r in enumerate(rows) if r[_BAD_LOSS]]
+    if bad:
+        if error is not None:
+            raise error
+        raise ValueError(
+            f"the loss given to step() on rank(s) {bad} is not a real number; no rank updated"
+        )
+    losses = [r[_LOSS] for r in rows if r[_HAS_LOSS]]
+    mean = sum(losses) / len(losses) if losses else None
+    return (_norm_from(rows) if config.needs_grad_norm else None), mean
 
 
 def _all_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -237,15 +445,31 @@ def _guard_loss(loss: Any, config: GuardConfig) -> Any:
 class TorchGuard:
     """A :class:`~adamkit.guard.Guard` and its snapshot tensors, for one torch optimizer.
 
-    ``config``: anything :func:`~adamkit.guard.resolve_guard` accepts except "off".  The owner
-    calls :meth:`run` once per ``step()``; :meth:`state_dict` / :meth:`prepare_load` carry the
-    guard's numbers *and* the snapshot tensors, so a resumed run rolls back exactly like an
-    uninterrupted one.
+    ``config``: anything :func:`~adamkit.guard.resolve_guard` accepts except "off".
+    ``process_group``: where the decisions are taken together (see "Under torch.distributed" in
+    the module docstring; :func:`check_process_group` says what is accepted).  The owner calls
+    :meth:`run` once per ``step()``; :meth:`state_dict` / :meth:`prepare_load` carry the guard's
+    numbers *and* the snapshot tensors, so a resumed run rolls back exactly like an
+    uninterrupted one.  A copy (``copy.deepcopy``) shares the process group; pickling needs
+    ``process_group`` ``None`` or ``False`` (a group object does not pickle).
     """
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, process_group: Any = None) -> None:
+        self.process_group = check_process_group(process_group)
         self.guard = Guard(config)
         self.snapshot: TorchSnapshot | None = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Objects pickled before the guard became collective have no process_group.
+        self.__dict__.update({"process_group": None, **state})
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TorchGuard:
+        # Process groups cannot be copied; the copy decides with the same ranks.
+        copied = TorchGuard.__new__(TorchGuard)
+        memo[id(self)] = copied
+        for key, value in self.__dict__.items():
+            setattr(copied, key, value if key == "process_group" else copy.deepcopy(value, memo))
+        return copied
 
     @property
     def config(self) -> GuardConfig:
@@ -277,9 +501,17 @@ class TorchGuard:
         if self.snapshot is None and guard.has_snapshot:
             guard.invalidate_snapshot()
         grads = [p.grad for p in params]
+        config = guard.config
+        collective, group = _active_group(self.process_group)
+        # With nothing to decide from the norm or the loss, the ranks cannot disagree.
+        collective = collective and (config.needs_grad_norm or config.loss_spike)
+        if collective:
+            norm, step_loss = _collective_inputs(grads, loss, group, config)
+        else:
+            norm, step_loss = (lambda: global_norm(grads)), _guard_loss(loss, config)
         plan = guard.plan_step(
-            loss=_guard_loss(loss, guard.config),
-            grad_norm=lambda: global_norm(grads),
+            loss=step_loss,
+            grad_norm=norm,
             # Only the first non-finite skip warns, so the frame walk (a few microseconds) stops
             # once it has happened.
             stacklevel=_user_stacklevel() if guard.counters["n_skipped_nonfinite"] == 0 else 2,
@@ -292,11 +524,17 @@ class TorchGuard:
             self.snapshot = TorchSnapshot.take(optimizer)
         if not plan.apply:
             return False
-        track = guard.config.track_update_norm
-        before = [p.detach().clone() for p in params] if track else []
+        track = config.track_update_norm
+        if collective and track:
+            parts = _local_parts([p.detach() for p in params])
+            before = [t.clone() for t, _, _ in parts]
+        else:
+            before = [p.detach().clone() for p in params] if track else []
         factors = list(apply(plan))
         norms: dict[str, float] = {}
-        if track and before:
+        if collective and track:
+            norms = self._collective_update_norms(parts, before, group)
+        elif track and before:
             deltas = torch._foreach_sub([p.detach() for p in params], before)
             norms = {"update_norm": global_norm(deltas), "param_norm": global_norm(before)}
         elif track:
@@ -304,6 +542,21 @@ class TorchGuard:
         if factors or norms:
             guard.record_update(update_scales=factors, **norms)
         return True
+
+    @staticmethod
+    def _collective_update_norms(
+        parts: list[tuple[Tensor, int, float]], before: list[Tensor], group: Any
+    ) -> dict[str, float]:
+        # Local shards after and before the update, reduced like the gradients (one collective).
+        row = torch.zeros(2 * _ROW, dtype=torch.float64, device=reduce_device(group))
+        deltas = torch._foreach_sub([t for t, _, _ in parts], before) if parts else []
+        weights = [(column, weight) for _, column, weight in parts]
+        _sum_squares_into(row, [(d, c, w) for d, (c, w) in zip(deltas, weights, strict=True)])
+        _sum_squares_into(
+            row, [(b, c, w) for b, (c, w) in zip(before, weights, strict=True)], offset=_ROW
+        )
+        rows = _gather_rows(row, group)
+        return {"update_norm": _norm_from(rows), "param_norm": _norm_from(rows, offset=_ROW)}
 
     @property
     def snapshot_nbytes(self) -> int:
@@ -383,10 +636,34 @@ def adam_numpy_clipped_(
     "reference"``, the numba kernel) run when update clipping is on.
 
     Same arguments as :func:`adamkit.torch.functional.adam_torch_`; CPU float32/float64 tensors
-    only.  Returns the per-tensor "rms" factors (empty list otherwise).
+    only.  Returns the per-tensor "rms" factors (empty list otherwise).  DTensor parameters
+    (FSDP2) go to ``adam_torch_`` instead, whose "rms" mean covers the whole tensor, not only
+    this rank's shard.
     """
     if not params:
         return []
+    dtensor = _dtensor_type()
+    if dtensor is not None and any(isinstance(p, dtensor) for p in params):
+        return adam_torch_(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            state_steps,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            update_clip=update_clip,
+            rms_threshold=rms_threshold,
+            atan2_a=atan2_a,
+            atan2_b=atan2_b,
+        )
     hp = AdamHyperParams(
         lr=float(lr),
         beta1=beta1,
@@ -464,6 +741,9 @@ class GuardedOptimizer(torch.optim.Optimizer):
     - **not** update clipping (it lives inside Adam's step): the preset ``"all"`` leaves it off,
       and asking for it raises ``ValueError``; use ``adamkit.torch.Adam/AdamW(guard=...)``.
 
+    ``process_group``: where the guard decides collectively under ``torch.distributed`` (see the
+    module docstring): ``None`` the default group when initialized, ``False`` never, or a group.
+
     ``step(closure=None, *, loss=None)``: the closure (if any) runs here, once, with gradients
     enabled, and the wrapped optimizer's ``step()`` is called without it, so optimizers that
     re-evaluate the closure (``LBFGS``) are refused (``TypeError``), as are adamkit optimizers
@@ -473,7 +753,10 @@ class GuardedOptimizer(torch.optim.Optimizer):
     :meth:`TorchGuard.state_dict`), which torch optimizers ignore on load.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, guard: Any = "all") -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, guard: Any = "all", *, process_group: Any = None
+    ) -> None:
+        check_process_group(process_group)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
@@ -487,7 +770,7 @@ class GuardedOptimizer(torch.optim.Optimizer):
             )
         config = _wrapper_config(guard)
         self.optimizer = optimizer
-        self._guard = None if config is None else TorchGuard(config)
+        self._guard = None if config is None else TorchGuard(config, process_group)
         self.last_step_applied = True
         self._init_torch_bookkeeping()
 

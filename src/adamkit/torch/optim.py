@@ -3,18 +3,31 @@ r"""``Adam`` and ``AdamW`` as ``torch.optim.Optimizer`` subclasses (drop-ins for
 The classes only keep books: validate settings (through :mod:`adamkit.core.config`), create state
 lazily, check state dicts, and hand each group to the step function that
 :func:`adamkit.torch.functional.select_impl` picks.  The math is in :mod:`adamkit.torch.functional`;
-the stability guard (``guard=``) is run by :class:`adamkit.torch.guarded.TorchGuard`.
+the stability guard (``guard=``) is run by :class:`adamkit.torch.guarded.TorchGuard`.  A group
+with a state format (``state="int8"``, ...) is handed to :mod:`adamkit.kernels.stored` instead,
+on NumPy views of its tensors (:mod:`adamkit.torch.formats` keeps the layout).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from adamkit.guard import Guard, GuardConfig, StepPlan, resolve_guard
+from adamkit.core.config import AdamHyperParams
+from adamkit.formats import StateFormat, get_format
+from adamkit.guard import Guard, GuardConfig, StepPlan, clipped_adam_update_, resolve_guard
+from adamkit.kernels.stored import (
+    adam_update_stored_,
+    holds_non_finite,
+    param_format,
+    update_through_,
+)
+from adamkit.torch import formats as tf
 from adamkit.torch._groups import (
     EXTRA_KEYS,
     TORCH_SWITCHES,
@@ -22,12 +35,19 @@ from adamkit.torch._groups import (
     effective_weight_decay,
 )
 from adamkit.torch.functional import StepFn, adam_torch_, select_impl
-from adamkit.torch.guarded import TorchGuard, adam_numpy_clipped_
-from adamkit.torch.state_dict import ADAMKIT_GROUP_KEYS, check_state_dict, step_tensor
+from adamkit.torch.guarded import TorchGuard, adam_numpy_clipped_, check_process_group
+from adamkit.torch.state_dict import (
+    ADAMKIT_GROUP_KEYS,
+    OPTIMIZER_KEYS,
+    check_state_dict,
+    step_tensor,
+)
 
 __all__ = ["Adam", "AdamW"]
 
 _SPARSE_MESSAGE = "Adam does not support sparse gradients, please consider SparseAdam instead"
+_WORK_DTYPES = (torch.float32, torch.float64)  # NumPy views the step can update in place
+_Plan = tuple[StepFn | None, list[Tensor], float]
 
 
 class Adam(torch.optim.Optimizer):
@@ -70,13 +90,33 @@ class Adam(torch.optim.Optimizer):
         betas, eps, weight_decay, amsgrad, maximize: as in ``torch.optim.Adam``.
         decoupled_weight_decay: AdamW's decay instead of L2 in the gradient.
         decay_mode: ``"lr_scaled"`` or ``"independent"`` (the latter needs decoupled decay).
-        impl: ``"auto"``, ``"torch"`` or ``"reference"``; see :mod:`adamkit.torch.functional`.
+        impl: ``"auto"``, ``"torch"``, ``"reference"`` or ``"numba"``; see
+            :mod:`adamkit.torch.functional`.  With a state format, ``"auto"`` is the fused numba
+            kernel where it applies, ``"numba"`` forces it, ``"reference"`` is the plain decode /
+            reference step / encode path (the oracle) and ``"torch"`` raises ``ValueError``.
+        state: how the moments are stored (a group may override it with its own ``"state"``):
+            ``None`` (default) keeps torch's behaviour, moments in the parameter's dtype;
+            ``"fp32"``, ``"bf16"`` (stochastic rounding) and ``"int8"`` (block-wise dynamic
+            quantization, blocks of 256, one float32 absmax per block) are independent of the
+            parameter's dtype: the step is computed in float32 between decode and encode
+            (:mod:`adamkit.kernels.stored`, which also states the sensitive-tensor rule:
+            under ``"int8"`` tensors below 4096 elements or 2 dimensions, and parameters named
+            like embeddings or norms, keep float32 moments; and AMSGrad's maximum is taken
+            over the decoded stored values).  CPU tensors only for now
+            (``NotImplementedError`` otherwise).  Layout: :mod:`adamkit.torch.formats`.
+        param_rounding: ``"nearest"`` (torch's) or ``"stochastic"``: bfloat16 parameters take
+            the update computed in float32, rounded stochastically, so that updates below half a
+            bf16 spacing are not lost on average (CPU).  No effect on float32/float64 parameters.
         guard: the stability guard (:class:`adamkit.guard.GuardConfig` lists every behaviour).
             ``True`` (default) or ``"default"``: skip steps whose gradients hold NaN/Inf (the
             only difference from ``torch.optim.Adam``, which would poison its state; costs one
             norm over the gradients per step); ``"all"``: every behaviour with its defaults; a
             dict of options (optionally with ``"preset": "all"``) or a ``GuardConfig``;
             ``False``/``None``/``"off"``: no guard, exactly ``torch.optim.Adam``.
+        process_group: under ``torch.distributed`` the guard decides on every rank together
+            (one small ``all_reduce`` per step): ``None`` (default) in the default process group
+            when one is initialized, a ``ProcessGroup``, or ``False`` to decide per rank; see
+            :mod:`adamkit.torch.guarded`.
 
     Guarded steps: ``step(closure=None, *, loss=None)`` gives the guard the step's loss (the
     closure's value, or ``loss=``) for loss-spike handling.  A skipped step changes nothing:
@@ -113,8 +153,12 @@ class Adam(torch.optim.Optimizer):
         decay_mode: str = "lr_scaled",
         impl: str = "auto",
         guard: Any = True,
+        process_group: Any = None,
+        state: str | None = None,
+        param_rounding: str = "nearest",
     ) -> None:
         config = resolve_guard(guard)
+        check_process_group(process_group)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -125,11 +169,20 @@ class Adam(torch.optim.Optimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
             "decay_mode": decay_mode,
             "impl": impl,
+            "state": state,
+            "param_rounding": param_rounding,
             **TORCH_SWITCHES,
         }
         defaults.update(check_group(defaults))
+        defaults.update(tf.check_state_options(defaults))
+        self._format_rng = tf.new_rng()
+        # Optimizer-wide settings that wrappers copy into every group (ZeroRedundancyOptimizer
+        # passes all its keywords as group defaults); add_param_group drops matching copies.
+        self._optimizer_wide = {"guard": guard, "process_group": process_group}
         super().__init__(params, defaults)
-        self._guard: TorchGuard | None = None if config is None else TorchGuard(config)
+        self._guard: TorchGuard | None = (
+            None if config is None else TorchGuard(config, process_group)
+        )
         self.last_step_applied = True
 
     @property
@@ -154,7 +207,35 @@ class Adam(torch.optim.Optimizer):
         state = super().__getstate__()
         state["_guard"] = self._guard
         state["last_step_applied"] = self.last_step_applied
+        state["_format_rng"] = self._format_rng
         return state
+
+    def state_nbytes(self) -> int:
+        """Bytes of memory held by the optimizer's per-parameter state, measured from the
+        tensors' storages (see :func:`adamkit.torch.formats.state_nbytes`)."""
+        return tf.state_nbytes(self)
+
+    def _without_optimizer_wide_keys(self, param_group: dict[str, Any]) -> dict[str, Any]:
+        # `guard` and `process_group` apply to the whole optimizer: a group may repeat the
+        # optimizer's own value (ZeRO does), never set another one.
+        wide = getattr(self, "_optimizer_wide", {})
+        repeated = [key for key in wide if key in param_group]
+        for key in repeated:
+            value, own = param_group[key], wide[key]
+            same = value is own
+            if not same:
+                try:
+                    same = bool(value == own)
+                except Exception:  # e.g. objects whose == raises or is elementwise
+                    same = False
+            if not same:
+                raise TypeError(
+                    f"{key} is an optimizer-wide setting and cannot differ per param group "
+                    f"(the optimizer has {own!r}, the group {value!r})"
+                )
+        if not repeated:
+            return param_group
+        return {k: v for k, v in param_group.items() if k not in repeated}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (torch's semantics), after validating its settings.
@@ -166,16 +247,27 @@ class Adam(torch.optim.Optimizer):
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        param_group = self._without_optimizer_wide_keys(param_group)
         unknown = sorted(set(param_group) - set(self.defaults) - EXTRA_KEYS)
         if unknown:
             allowed = sorted(set(self.defaults) | EXTRA_KEYS)
             raise TypeError(f"unknown param group keys {unknown}; allowed: {allowed}")
         candidate = {**self.defaults, **param_group}
         checked = check_group(candidate)
+        options = tf.check_state_options(candidate)
         params = candidate["params"]
         tensors = [params] if isinstance(params, Tensor) else list(params)
-        select_impl(candidate["impl"], [p[1] if isinstance(p, tuple) else p for p in tensors])
+        if not isinstance(params, Tensor):
+            param_group["params"] = tensors  # a generator can be read once only
+        plain = [p[1] if isinstance(p, tuple) else p for p in tensors]
+        if options["state"] is None:
+            select_impl(candidate["impl"], plain)
+        else:
+            tf.check_stored_params(options["state"], candidate["impl"], plain)
+        if options["param_rounding"] == "stochastic":
+            tf.check_rounding_params(plain)
         param_group.update(checked)
+        param_group.update(options)
         lr = checked["lr"]
         param_group.setdefault(
             "construction_lr", float(lr.item() if isinstance(lr, Tensor) else lr)
@@ -189,9 +281,13 @@ class Adam(torch.optim.Optimizer):
             state = {**state, "_guard": TorchGuard(GuardConfig())}
         super().__setstate__(state)
         self.__dict__.setdefault("last_step_applied", True)
+        if "_format_rng" not in self.__dict__:
+            self._format_rng = tf.new_rng()
         for group in self.param_groups:
             for key, value in TORCH_SWITCHES.items():
                 group.setdefault(key, value)
+            group.setdefault("state", None)
+            group.setdefault("param_rounding", "nearest")
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if p_state and not torch.is_tensor(p_state["step"]):
@@ -200,11 +296,21 @@ class Adam(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict (``state``, ``param_groups``) plus, with a guard, ``"guard"``: its
         counters and statistics and the rollback snapshot's tensors (see
-        :meth:`adamkit.torch.guarded.TorchGuard.state_dict`)."""
+        :meth:`adamkit.torch.guarded.TorchGuard.state_dict`); with a state format or stochastic
+        parameter rounding, ``"state_rng"`` (the generator's state).  Compressed moments are
+        saved in their compact form (see :mod:`adamkit.torch.state_dict`)."""
         state_dict = super().state_dict()
         if self._guard is not None and isinstance(state_dict, dict):
             state_dict["guard"] = self._guard.state_dict()
+        if self._uses_rng() and isinstance(state_dict, dict):
+            state_dict["state_rng"] = copy.deepcopy(self._format_rng.bit_generator.state)
         return state_dict
+
+    def _uses_rng(self) -> bool:
+        return any(
+            g.get("state") is not None or g.get("param_rounding") == "stochastic"
+            for g in self.param_groups
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from adamkit or ``torch.optim.Adam``/``AdamW``.
@@ -215,19 +321,49 @@ class Adam(torch.optim.Optimizer):
         a torch checkpoint keep this optimizer's values; a checkpoint without ``"guard"`` starts
         the guard afresh (this optimizer's config, counters at 0, no snapshot).  The check runs
         after any user load-state-dict pre-hooks.
+
+        State formats: ``state`` and ``param_rounding`` stay this optimizer's, and every moment
+        is converted to the format this optimizer gives its parameter (torch's layout, ``fp32``,
+        ``bf16`` and ``int8`` in any direction; the same format is taken exactly, bypassing
+        torch's cast of floating state to the parameter's dtype).  An entry with a wrong shape,
+        code length, dtype or an unknown format, or values the target format cannot hold
+        (non-finite into ``int8``), raises ``ValueError``/``TypeError`` with nothing changed.
         """
         kept = [{k: g[k] for k in ADAMKIT_GROUP_KEYS if k in g} for g in self.param_groups]
+        own = [{k: g.get(k) for k in OPTIMIZER_KEYS} for g in self.param_groups]
         commits = []
+        prepared: dict[Tensor, dict[str, Any]] = {}
+        rngs: list[np.random.Generator] = []
 
         def validate(optimizer: torch.optim.Optimizer, loaded: dict[str, Any]) -> None:
-            check_state_dict(optimizer, loaded)
+            entries = check_state_dict(optimizer, loaded)
+            rng = tf.saved_rng(loaded.get("state_rng"), self._format_rng)
+            for item in entries:
+                group = optimizer.param_groups[item.group]
+                target = self._target_format(group, item.param, item.position)
+                if item.entry.format is None and target is None:
+                    continue  # torch's layout on both sides: torch's own loading
+                try:
+                    prepared[item.param] = tf.convert_entry(
+                        item.entry, item.param, target, step_tensor(float(item.entry.step)), rng
+                    )
+                except ValueError as error:
+                    raise ValueError(
+                        f"param group {item.group}, parameter {item.position}: {error}"
+                    ) from None
+            rngs.append(rng)
             if self._guard is not None:
                 commits.append(self._guard.prepare_load(optimizer, loaded.get("guard")))
 
         def restore(optimizer: torch.optim.Optimizer) -> None:
-            for group, old in zip(optimizer.param_groups, kept, strict=True):
+            for group, old, settings in zip(optimizer.param_groups, kept, own, strict=True):
                 for key, value in old.items():
                     group.setdefault(key, value)
+                group.update(settings)
+            for param, entry in prepared.items():
+                optimizer.state[param] = entry
+            if rngs:
+                self._format_rng = rngs[-1]
 
         pre = self.register_load_state_dict_pre_hook(validate)
         post = self.register_load_state_dict_post_hook(restore, prepend=True)
@@ -239,10 +375,12 @@ class Adam(torch.optim.Optimizer):
         for commit in commits:
             commit()
 
-    def _plan(self, index: int, group: dict[str, Any]) -> tuple[StepFn, list[Tensor], float]:
-        # Checks only; raising here leaves everything untouched.
+    def _plan(self, index: int, group: dict[str, Any]) -> _Plan:
+        # Checks only; raising here leaves everything untouched.  A group with a state format
+        # gets no step function: _update_stored runs it.
         try:
             check_group(group)
+            options = tf.check_state_options(group)
             weight_decay = effective_weight_decay(group)
         except (TypeError, ValueError) as error:
             raise type(error)(f"param group {index}: {error}") from None
@@ -253,10 +391,62 @@ class Adam(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(_SPARSE_MESSAGE)
             params.append(p)
-        return select_impl(group["impl"], params), params, weight_decay
+        if options["param_rounding"] == "stochastic":
+            tf.check_rounding_params(params)
+        state = options["state"]
+        if state is None:
+            return select_impl(group["impl"], params), params, weight_decay
+        tf.check_stored_params(state, group["impl"], params)
+        guard = self._guard
+        if not holds_non_finite(get_format(state)) and (
+            guard is None or not guard.config.skip_nonfinite
+        ):
+            # int8 codes cannot hold NaN/inf: refuse before anything changes (the guard's
+            # non-finite skip makes this check redundant when it is on).
+            for p in params:
+                if not bool(torch.isfinite(p.grad).all()):
+                    raise ValueError(
+                        f"param group {index}: a gradient holds NaN or inf, which state={state!r} "
+                        "cannot store; nothing was changed (guard=True skips such steps)"
+                    )
+        return None, params, weight_decay
+
+    @staticmethod
+    def _target_format(group: dict[str, Any], p: Tensor, position: int) -> StateFormat | None:
+        """The format of ``p``'s moments (``None``: torch's layout), by the rule of
+        :func:`adamkit.kernels.stored.param_format` with the parameter's name if the group has
+        names."""
+        state = tf.check_state_options(group)["state"]
+        if state is None:
+            return None
+        names = group.get("param_names")
+        name = names[position] if names and position < len(names) else None
+        return param_format(state, tuple(p.shape), name)
+
+    def _convert_state(self, p: Tensor, target: StateFormat | None) -> None:
+        # The entry exists in another format (the group's state was changed, or a snapshot of
+        # another format was restored): re-encode it in place.
+        state = self.state[p]
+        parsed = tf.parse_entry(state, tuple(p.shape), None, False, "optimizer state")
+        new = tf.convert_entry(parsed, p, target, state["step"], self._format_rng)
+        state.clear()
+        state.update(new)
+
+    def _stored_state_for(self, p: Tensor, fmt: StateFormat, amsgrad: bool) -> dict[str, Any]:
+        state = self.state[p]
+        shape = tuple(p.shape)
+        if len(state) == 0:
+            state.update(tf.new_entry(fmt, shape, step_tensor(0.0), amsgrad))
+        elif state.get(tf.FORMAT_KEY) != fmt.name:
+            self._convert_state(p, fmt)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            tf.add_moment(fmt, state, "max_exp_avg_sq", shape)
+        return state
 
     def _state_for(self, p: Tensor, amsgrad: bool) -> dict[str, Tensor]:
         state = self.state[p]
+        if tf.FORMAT_KEY in state:
+            self._convert_state(p, None)
         if len(state) == 0:
             state["step"] = step_tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -298,9 +488,7 @@ class Adam(torch.optim.Optimizer):
         )
         return result
 
-    def _update(
-        self, plans: list[tuple[StepFn, list[Tensor], float]], plan: StepPlan | None
-    ) -> list[float]:
+    def _update(self, plans: list[_Plan], plan: StepPlan | None) -> list[float]:
         # The update of every group, as the guard's plan says (None: plain Adam).  Returns the
         # per-tensor factors of update_clip="rms".
         factors: list[float] = []
@@ -308,7 +496,6 @@ class Adam(torch.optim.Optimizer):
             if not params:
                 continue
             amsgrad = group["amsgrad"]
-            states = [self._state_for(p, amsgrad) for p in params]
             beta1, beta2 = group["betas"]
             grads = [p.grad for p in params]
             lr = group["lr"]
@@ -318,6 +505,10 @@ class Adam(torch.optim.Optimizer):
                     grads = torch._foreach_mul(grads, plan.grad_scale)
                 if plan.lr_scale != 1.0:
                     lr = lr * plan.lr_scale
+            if step_fn is None:
+                factors.extend(self._update_stored(group, params, grads, lr, weight_decay, plan))
+                continue
+            states = [self._state_for(p, amsgrad) for p in params]
             args = (
                 params,
                 grads,
@@ -336,23 +527,104 @@ class Adam(torch.optim.Optimizer):
                 "amsgrad": amsgrad,
                 "maximize": group["maximize"],
             }
+            low = []
+            if group["param_rounding"] == "stochastic":
+                low = [i for i, p in enumerate(params) if p.dtype == torch.bfloat16]
+            finish = None
+            if low:
+                args, finish = tf.widened(args, low, amsgrad)
             if plan is None or plan.update_clip is None:
                 step_fn(*args, **kwargs)
-                continue
-            clip = {
-                "update_clip": plan.update_clip,
-                "rms_threshold": plan.rms_threshold,
-                "atan2_a": plan.atan2_a,
-                "atan2_b": plan.atan2_b,
-            }
-            # Update clipping needs the moments mid-step: torch ops, or the NumPy reference for
-            # the NumPy-backed implementations (reference, numba), which take CPU float tensors.
-            numpy_backed = step_fn is not adam_torch_ and all(
-                p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in params
-            )
-            clipped_step = adam_numpy_clipped_ if numpy_backed else adam_torch_
-            factors.extend(clipped_step(*args, **kwargs, **clip))
+            else:
+                # Update clipping needs the moments mid-step: torch ops, or the NumPy reference
+                # for the NumPy-backed implementations (reference, numba), which take CPU float
+                # tensors.
+                numpy_backed = step_fn is not adam_torch_ and all(
+                    p.device.type == "cpu" and p.dtype in _WORK_DTYPES for p in args[0]
+                )
+                clipped_step = adam_numpy_clipped_ if numpy_backed else adam_torch_
+                factors.extend(clipped_step(*args, **kwargs, **_clip_options(plan)))
+            if finish is not None:
+                finish(self._format_rng)
         return factors
+
+    def _update_stored(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        lr: float | Tensor,
+        weight_decay: float,
+        plan: StepPlan | None,
+    ) -> list[float]:
+        # A group with a state format: NumPy views of the CPU tensors (float32 copies for
+        # low-precision parameters), one dispatcher call per format, step counts last.
+        amsgrad = group["amsgrad"]
+        beta1, beta2 = group["betas"]
+        hp = AdamHyperParams(
+            lr=float(lr),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=weight_decay,
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            amsgrad=amsgrad,
+            maximize=group["maximize"],
+        )
+        position = {id(p): i for i, p in enumerate(group["params"])}
+        buckets: dict[str, tuple[StateFormat, list[tuple[Any, ...]]]] = {}
+        finished = []
+        for p, g in zip(params, grads, strict=True):
+            fmt = self._target_format(group, p, position[id(p)])
+            assert fmt is not None  # a group with a state format
+            state = self._stored_state_for(p, fmt, amsgrad)
+            shape = tuple(p.shape)
+            moments = [tf.storage_of(fmt, state, role, shape) for role in tf.ROLES[:2]]
+            moments.append(tf.storage_of(fmt, state, tf.ROLES[2], shape) if amsgrad else None)
+            if p.dtype in _WORK_DTYPES:
+                work, grad, wide = tf.numpy_view(p), tf.numpy_view(g), None
+            else:
+                wide = p.detach().float()
+                work, grad = tf.numpy_view(wide), tf.numpy_view(g.float())
+            row = (work, grad, *moments, int(state["step"].item()) + 1)
+            buckets.setdefault(fmt.name, (fmt, []))[1].append(row)
+            finished.append((p, wide, state))
+        factors: list[float] = []
+        impl = tf.stored_impl(group["impl"], group["state"])
+        for fmt, rows in buckets.values():
+            columns = [list(column) for column in zip(*rows, strict=True)]
+            if plan is None or plan.update_clip is None:
+                adam_update_stored_(fmt, *columns, hp, rng=self._format_rng, impl=impl)
+                continue
+            factors.extend(
+                update_through_(
+                    fmt,
+                    clipped_adam_update_,
+                    *columns,
+                    hp,
+                    rng=self._format_rng,
+                    **_clip_options(plan),
+                )
+            )
+        stochastic = group["param_rounding"] == "stochastic"
+        for p, wide, state in finished:
+            state["step"] += 1
+            if wide is None:
+                continue
+            if stochastic and p.dtype == torch.bfloat16:
+                tf.round_to_bf16_(p, tf.numpy_view(wide), self._format_rng)
+            else:
+                p.copy_(wide)
+        return factors
+
+
+def _clip_options(plan: StepPlan) -> dict[str, Any]:
+    return {
+        "update_clip": plan.update_clip,
+        "rms_threshold": plan.rms_threshold,
+        "atan2_a": plan.atan2_a,
+        "atan2_b": plan.atan2_b,
+    }
 
 
 class AdamW(Adam):
@@ -372,6 +644,9 @@ class AdamW(Adam):
         decay_mode: str = "lr_scaled",
         impl: str = "auto",
         guard: Any = True,
+        process_group: Any = None,
+        state: str | None = None,
+        param_rounding: str = "nearest",
     ) -> None:
         super().__init__(
             params,
@@ -385,6 +660,9 @@ class AdamW(Adam):
             decay_mode=decay_mode,
             impl=impl,
             guard=guard,
+            process_group=process_group,
+            state=state,
+            param_rounding=param_rounding,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

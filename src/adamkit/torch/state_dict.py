@@ -14,6 +14,16 @@ key                meaning                                       dtype / shape /
 ``max_exp_avg_sq`` running max of v (only with ``amsgrad``)       the parameter's
 =================  ===========================================  ==============================
 
+That is the layout of ``state=None`` (the default).  With a state format (``state="fp32"``,
+``"bf16"``, ``"int8"``) an entry also holds ``state_format`` (the format's name) and the moments
+in that format's compact form, codes and ``<key>_scale`` tensors for ``int8`` (the table is in
+:mod:`adamkit.torch.formats`); the state dict then has a top-level ``"state_rng"``, the state of
+the generator behind stochastic rounding, so that resuming is exact.  Loading converts every
+entry to the format this optimizer gives its parameter (from torch's layout, from another
+format, or back), whatever the checkpoint's groups say: ``state`` and ``param_rounding`` are
+settings of the optimizer (:data:`OPTIMIZER_KEYS`).  :func:`adamkit.torch.formats.dense_state_dict`
+turns a compressed state dict into torch's layout for ``torch.optim.Adam``.
+
 With a stability guard (``guard=``, on by default) the state dict has a third top-level entry,
 ``"guard"``: the guard's counters and running statistics as plain Python values and, when
 loss-spike handling keeps one, the rollback snapshot's tensors (parameters and their state, about
@@ -34,19 +44,39 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from adamkit.torch._groups import check_group
+from adamkit.torch.formats import ParsedEntry, check_state_options, parse_entry
 
-__all__ = ["ADAMKIT_GROUP_KEYS", "check_state_dict", "scalar_dtype", "step_tensor"]
+__all__ = [
+    "ADAMKIT_GROUP_KEYS",
+    "OPTIMIZER_KEYS",
+    "LoadedEntry",
+    "check_state_dict",
+    "scalar_dtype",
+    "step_tensor",
+]
 
 # Group settings that torch.optim.Adam does not have; a torch checkpoint lacks them, and loading
 # one keeps this optimizer's values for them.
 ADAMKIT_GROUP_KEYS: tuple[str, ...] = ("impl", "decay_mode", "construction_lr")
 
-_MOMENTS = ("exp_avg", "exp_avg_sq")
+OPTIMIZER_KEYS: tuple[str, ...] = ("state", "param_rounding")
+"""Group settings that describe this optimizer's storage, not the run: loading a state dict keeps
+the optimizer's values (and converts the moments to its state format)."""
+
+
+class LoadedEntry(NamedTuple):
+    """One validated per-parameter entry of a state dict, matched to the optimizer's parameter
+    ``param`` (position ``position`` of group ``group``)."""
+
+    param: torch.Tensor
+    group: int
+    position: int
+    entry: ParsedEntry
 
 
 def scalar_dtype() -> torch.dtype:
@@ -71,32 +101,13 @@ def _step_number(value: Any, where: str) -> float:
     return float(value)
 
 
-def _check_param_state(param: torch.Tensor, state: Any, amsgrad: bool, where: str) -> None:
-    if not isinstance(state, Mapping):
-        raise TypeError(f"{where}: state must be a dict, got {type(state).__name__}")
-    if len(state) == 0:
-        return
-    required = ("step", *_MOMENTS) + (("max_exp_avg_sq",) if amsgrad else ())
-    missing = [key for key in required if key not in state]
-    if missing:
-        raise ValueError(f"{where}: state lacks {missing} (amsgrad={amsgrad})")
-    _step_number(state["step"], where)
-    for key in (*_MOMENTS, "max_exp_avg_sq"):
-        if key not in state:
-            continue
-        value = state[key]
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{where}: {key} must be a tensor, got {type(value).__name__}")
-        if value.shape != param.shape:
-            raise ValueError(
-                f"{where}: {key} has shape {tuple(value.shape)}, the parameter has "
-                f"{tuple(param.shape)}"
-            )
-        if value.dtype != param.dtype:
-            raise ValueError(
-                f"{where}: {key} has dtype {value.dtype}, the parameter has {param.dtype} "
-                "(torch would cast it silently; convert the checkpoint explicitly if intended)"
-            )
+def _check_param_state(
+    param: torch.Tensor, state: Any, amsgrad: bool, where: str
+) -> ParsedEntry | None:
+    parsed = parse_entry(state, tuple(param.shape), param.dtype, amsgrad, where)
+    if parsed is not None:
+        _step_number(parsed.step, where)
+    return parsed
 
 
 # Path segments that wrappers add to parameter names: torch.compile's `_orig_mod`, FSDP1's and
@@ -128,14 +139,16 @@ def _check_names(index: int, ours: dict[str, Any], saved: dict[str, Any]) -> Non
             )
 
 
-def check_state_dict(optimizer: torch.optim.Optimizer, state_dict: Any) -> None:
+def check_state_dict(optimizer: torch.optim.Optimizer, state_dict: Any) -> list[LoadedEntry]:
     """Raise ``ValueError``/``TypeError`` unless ``state_dict`` fits ``optimizer`` exactly.
 
     Checks, in order: the two top-level entries; the number of groups and of parameters per
     group; parameter names (where both sides have them); each group's hyper-parameters (keys
     missing from the state dict, like adamkit's own in a torch checkpoint, count with the
-    optimizer's current values); every state entry (known parameter, keys, step, shapes and
-    dtypes equal to the parameter's).  Modifies nothing.
+    optimizer's current values; a saved ``state`` must name a known format); every state entry
+    (known parameter, keys, step, shapes; torch's layout: dtypes equal to the parameter's;
+    compressed entries: see :func:`adamkit.torch.formats.parse_entry`).  Modifies nothing.
+    Returns the non-empty entries, validated and matched to their parameters.
     """
     if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
         raise TypeError("state_dict must be a dict with entries 'state' and 'param_groups'")
@@ -146,7 +159,7 @@ def check_state_dict(optimizer: torch.optim.Optimizer, state_dict: Any) -> None:
             f"the state dict has {len(saved_groups)} parameter groups, this optimizer has "
             f"{len(groups)}"
         )
-    id_to_param: dict[Any, tuple[torch.Tensor, bool, str]] = {}
+    id_to_param: dict[Any, tuple[torch.Tensor, bool, str, int, int]] = {}
     for index, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
         if not isinstance(saved, Mapping) or "params" not in saved:
             raise TypeError(f"param group {index} in the state dict must be a dict with 'params'")
@@ -159,6 +172,7 @@ def check_state_dict(optimizer: torch.optim.Optimizer, state_dict: Any) -> None:
         merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
         try:
             check_group(merged)
+            check_state_options(merged)
         except (TypeError, ValueError) as error:
             raise type(error)(f"param group {index} in the state dict: {error}") from None
         names = group.get("param_names") or saved.get("param_names")
@@ -168,9 +182,13 @@ def check_state_dict(optimizer: torch.optim.Optimizer, state_dict: Any) -> None:
             label = f"param group {index}, parameter {position}"
             if names:
                 label += f" ({names[position]!r})"
-            id_to_param[param_id] = (param, bool(merged["amsgrad"]), label)
+            id_to_param[param_id] = (param, bool(merged["amsgrad"]), label, index, position)
+    loaded = []
     for param_id, state in state_dict["state"].items():
         if param_id not in id_to_param:
             raise ValueError(f"the state dict has state for an unknown parameter id {param_id!r}")
-        param, amsgrad, label = id_to_param[param_id]
-        _check_param_state(param, state, amsgrad, label)
+        param, amsgrad, label, index, position = id_to_param[param_id]
+        parsed = _check_param_state(param, state, amsgrad, label)
+        if parsed is not None:
+            loaded.append(LoadedEntry(param, index, position, parsed))
+    return loaded
