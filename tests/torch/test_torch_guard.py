@@ -198,7 +198,7 @@ OFF = GuardConfig(skip_nonfinite=False)
         pytest.param(OFF, id="every-option-off"),
         pytest.param(True, id="default"),
         # spikes are judged only after the warm-ups, so 10 steps of "all" change nothing either
-        pytest.param({"preset": "all", "update_clip": None}, id="all-in-warmup"),
+        pytest.param({"preset": "all", "update_clip": None, "loss_warmup": 20}, id="all-in-warmup"),
     ],
 )
 @pytest.mark.parametrize("impl", ["torch", "reference"])

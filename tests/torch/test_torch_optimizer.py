@@ -283,3 +283,19 @@ def test_groups_may_repeat_but_not_change_optimizer_wide_settings():
     with pytest.raises(TypeError, match=r"guard is an optimizer-wide setting"):
         opt.add_param_group({"params": [q], "guard": False})
     assert len(opt.param_groups) == before
+
+
+def test_numba_step_keeps_torch_thread_count():
+    # Starting numba's OpenMP pool used to reset torch's thread count (1 -> 2).
+    pytest.importorskip("numba")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        p = nn.Parameter(torch.randn(100_000))
+        p.grad = torch.randn(100_000)
+        opt = at.Adam([p], impl="numba")
+        for _ in range(2):
+            opt.step()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -9,14 +9,16 @@ checkpoint).
 Options are declared in groups (data, optimizer, run).  Each option's ``dest`` is a
 ``TrainConfig`` field name and its parser default is ``None`` ("not given"), so
 :func:`config_from_args` can copy options to the config by name and ``--resume`` can tell what
-the user changed.  To add an option (``--state``, ``--guard``, ``--framework``, ``--nproc``), add
-it to a group here and a field to ``TrainConfig`` (see ``config.py``); nothing else here changes.
+the user changed.  To add an option (``--state``, ``--nproc``; ``--guard`` and ``--framework``
+were added so), add it to a group here and a field to ``TrainConfig`` (see ``config.py``); nothing
+else here changes.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +29,7 @@ from adamkit.app.config import (
     DATASET_DEFAULTS,
     DATASETS,
     FRAMEWORKS,
+    GUARDS,
     TrainConfig,
 )
 from adamkit.app.errors import AppError
@@ -94,6 +97,13 @@ def _add_optimizer_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar="LR",
         help=f"learning rate, > 0 (default: {COMMON_DEFAULTS['lr']:g})",
+    )
+    group.add_argument(
+        "--guard",
+        choices=list(GUARDS),
+        help="stability guard: "
+        + "; ".join(f"{name} = {text}" for name, text in GUARDS.items())
+        + f" (default: {COMMON_DEFAULTS['guard']})",
     )
     group.add_argument(
         "--compare",
@@ -188,17 +198,27 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_bench(argv: Sequence[str]) -> int:
+    # `adamkit bench` times optimizer steps; `adamkit bench stability` runs the guard's benchmark.
+    argv = list(argv)
+    stability = bool(argv) and argv[0] == "stability"
+    module = "adamkit.app.bench_stability" if stability else "adamkit.app.bench"
+    prog = "adamkit bench stability" if stability else "adamkit bench"
     try:
-        from adamkit.app import bench
+        bench = importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        if exc.name == "adamkit.app.bench":
+        if exc.name == module:
             print(_BENCH_MISSING, file=sys.stderr)
             return EXIT_USAGE
-        print(f"adamkit bench: error: needs {exc.name}: pip install adamkit[app]", file=sys.stderr)
+        print(f"{prog}: error: needs {exc.name}: pip install adamkit[app]", file=sys.stderr)
         return EXIT_USAGE
-    parser = argparse.ArgumentParser(prog="adamkit bench")
+    if stability:
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        epilog=None if stability else "'adamkit bench stability --help': the guard's benchmark",
+    )
     bench.configure_parser(parser)
-    args = parser.parse_args(list(argv))
+    args = parser.parse_args(argv)
     return int(bench.run(args))
 
 

@@ -4,13 +4,16 @@
 the checkpoint store it (``dataclasses.asdict``), and ``--resume`` rebuilds it.  Every check
 happens in :func:`validate`, before any data is read or any training starts.
 
-Adding an option later (``--state fp32|bf16|int8``, ``--guard``, ``--framework torch|keras``,
-``--nproc N``) takes three edits and no restructuring: a field here with its default (and a
-check in :func:`validate`), an argument with the same ``dest`` in the matching group of
-``cli.py`` (``cli.config_from_args`` copies every field by name), and the consumer reading
-``config.<field>`` (the optimizer factory in ``optimizers.py`` and the model builder receive the
-whole config; ``train.py`` is where a framework or process count would be dispatched).
-Checkpoints written before a field existed still load: missing fields take their defaults.
+Adding an option later (``--state fp32|bf16|int8``, ``--nproc N``; ``--guard`` and
+``--framework`` were added this way) takes three edits and no restructuring: a field here with
+its default (and a check in :func:`validate`), an argument with the same ``dest`` in the
+matching group of ``cli.py`` (``cli.config_from_args`` copies every field by name), and the
+consumer reading ``config.<field>`` (the optimizer factory in ``optimizers.py`` and the model
+builder receive the whole config; ``train.py`` is where a framework or process count would be
+dispatched).
+Checkpoints written before a field existed still load: missing fields take their defaults; list
+the new field in :data:`OMIT_AT_DEFAULT` so runs that leave it at its default still write files
+that earlier releases read.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ __all__ = [
     "DATASETS",
     "DATASET_DEFAULTS",
     "FRAMEWORKS",
+    "GUARDS",
+    "OMIT_AT_DEFAULT",
     "RESUME_MAY_CHANGE",
     "TrainConfig",
     "build_config",
@@ -49,6 +54,16 @@ FRAMEWORKS: dict[str, str] = {
     "checkpoint.keras; pip install adamkit[keras])",
 }
 
+#: Stability-guard settings ``--guard`` accepts (see :mod:`adamkit.guard`), for ``--help``.
+GUARDS: dict[str, str] = {
+    "default": "each optimizer's own default: adamkit and adamkit-adamw skip steps with NaN/Inf "
+    "gradients, torch-adam, torch-adamw and sgd run unguarded",
+    "off": "no guard at all (adamkit is plain Adam, as torch.optim.Adam)",
+    "all": "every behaviour of adamkit.guard.GuardConfig.all(): non-finite skip, gradient-spike "
+    "clipping, loss-spike skip and rollback, update clipping (adamkit only) and diagnostics; "
+    "torch optimizers are wrapped in adamkit.torch.GuardedOptimizer",
+}
+
 #: Defaults shared by every data set (the Keras MNIST example: MLP 128, Adam lr 1e-3).
 COMMON_DEFAULTS: dict[str, Any] = {
     "optimizer": "adamkit",
@@ -56,6 +71,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "hidden": 128,
     "seed": 0,
     "framework": "torch",
+    "guard": "default",
 }
 
 #: Per-data-set defaults.  MNIST-format data uses the Keras example's 5 epochs of batch 256.
@@ -77,7 +93,8 @@ class TrainConfig:
     ``optimizer`` names the single optimizer of a run; ``compare`` (non-empty) lists several that
     are trained one after the other from the same initial weights and data order.  ``out`` is the
     output folder; ``data_dir`` is ``None`` to search the usual places (see ``data.py``).
-    ``framework`` is ``"torch"`` or ``"keras"`` (see ``keras_train.py``).
+    ``framework`` is ``"torch"`` or ``"keras"`` (see ``keras_train.py``).  ``guard`` is a key of
+    :data:`GUARDS` (read by ``optimizers.py``).
     """
 
     dataset: str = "digits"
@@ -91,15 +108,24 @@ class TrainConfig:
     out: str = ""
     compare: tuple[str, ...] = field(default_factory=tuple)
     framework: str = COMMON_DEFAULTS["framework"]
+    guard: str = COMMON_DEFAULTS["guard"]
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (not validated; call :func:`validate`)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-friendly dict (``compare`` as a list)."""
+        """Plain JSON-friendly dict (``compare`` as a list).
+
+        Fields of :data:`OMIT_AT_DEFAULT` are left out while they hold their default, so the
+        stored config of a run that does not use a newer option is the one earlier releases wrote
+        and can read (their :meth:`from_dict` rejects unknown keys); missing keys load as defaults.
+        """
         out = dataclasses.asdict(self)
         out["compare"] = list(self.compare)
+        for name in OMIT_AT_DEFAULT:
+            if out[name] == _FIELD_DEFAULTS[name]:
+                del out[name]
         return out
 
     @classmethod
@@ -113,6 +139,11 @@ class TrainConfig:
         if "compare" in values:
             values["compare"] = tuple(values["compare"] or ())
         return cls(**values)
+
+
+#: Options added after the first release (see :meth:`TrainConfig.to_dict`).
+OMIT_AT_DEFAULT: tuple[str, ...] = ("guard",)
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def resolve_defaults(dataset: str, given: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +173,13 @@ def validate(config: TrainConfig) -> TrainConfig:
     if config.framework not in FRAMEWORKS:
         raise UsageError(
             f"--framework must be one of {', '.join(FRAMEWORKS)}, got {config.framework!r}"
+        )
+    if config.guard not in GUARDS:
+        raise UsageError(f"--guard must be one of {', '.join(GUARDS)}, got {config.guard!r}")
+    if config.framework != "torch" and config.guard == "all":
+        raise UsageError(
+            f"--guard all is not available with --framework {config.framework} (the Keras "
+            "front end has no stability guard yet); use --framework torch or leave --guard out"
         )
     table = optimizer_table(config.framework)
     names = config.compare or (config.optimizer,)

@@ -16,6 +16,12 @@ and ends bit-identical to an uninterrupted run on CPU.
 Train loss and accuracy of an epoch are means over that epoch's batches as they were trained
 (weighted by batch size, as Keras reports them); test loss and accuracy are computed on the whole
 test set after the epoch.
+
+Stability guard: when the optimizer has one (``optimizer.guard`` is not ``None``: adamkit's
+optimizers, ``adamkit.torch.GuardedOptimizer``), each step gets the batch loss
+(``step(loss=...)``) for loss-spike handling, and the epoch's :class:`EpochRecord` carries the
+guard's diagnostics (:data:`GUARD_COLUMNS`); without one those fields are ``None``.  A skipped
+step still counts in ``step`` (it is a batch trained on, not an update applied).
 """
 
 from __future__ import annotations
@@ -31,7 +37,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["EVENTS", "EpochRecord", "Trainer", "TrainingInterrupted"]
+__all__ = [
+    "BASE_COLUMNS",
+    "COLUMNS",
+    "EVENTS",
+    "GUARD_COLUMNS",
+    "EpochRecord",
+    "Trainer",
+    "TrainingInterrupted",
+]
 
 EVENTS = ("train_start", "epoch_start", "batch_end", "epoch_end", "interrupt", "train_end")
 
@@ -41,7 +55,16 @@ Callback = Callable[["Trainer"], None]
 @dataclass(frozen=True)
 class EpochRecord:
     """Metrics of one finished epoch (``epoch`` counts from 1; ``step`` = optimizer steps so far;
-    ``seconds`` = wall time of that epoch, training and evaluation)."""
+    ``seconds`` = wall time of that epoch, training and evaluation).
+
+    Guard diagnostics of the epoch (``None`` when the optimizer has no guard, or where the guard
+    did not measure them): ``grad_norm`` mean and ``grad_norm_max`` of the finite global gradient
+    norms (before any clipping); ``update_norm`` and ``update_ratio`` means of the applied
+    updates' L2 norm and of update norm / parameter norm (``"all"`` measures them); counts of
+    steps ``skipped_nonfinite`` (NaN/Inf gradients), ``skipped_loss_spike``, ``rollbacks`` (to
+    the last snapshot), ``grad_clipped`` (gradient-spike clipping) and ``update_clipped`` (at
+    least one tensor's update clipped).
+    """
 
     epoch: int
     step: int
@@ -51,13 +74,50 @@ class EpochRecord:
     test_acc: float
     lr: float
     seconds: float
+    grad_norm: float | None = None
+    grad_norm_max: float | None = None
+    update_norm: float | None = None
+    update_ratio: float | None = None
+    skipped_nonfinite: int | None = None
+    skipped_loss_spike: int | None = None
+    rollbacks: int | None = None
+    grad_clipped: int | None = None
+    update_clipped: int | None = None
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self) -> dict[str, float | int | None]:
         """Field name -> value, in CSV column order."""
         return asdict(self)
 
 
+#: Every CSV column: :data:`BASE_COLUMNS` (the first release's, unchanged) + :data:`GUARD_COLUMNS`.
 COLUMNS = tuple(f.name for f in fields(EpochRecord))
+BASE_COLUMNS = COLUMNS[: COLUMNS.index("seconds") + 1]
+GUARD_COLUMNS = COLUMNS[len(BASE_COLUMNS) :]
+
+# Guard action -> the per-epoch counter it increments; flags of the diagnostics -> counter.
+_ACTION_COUNTS = {
+    "skip_nonfinite": "skipped_nonfinite",
+    "skip_loss_spike": "skipped_loss_spike",
+    "rollback": "rollbacks",
+}
+_FLAG_COUNTS = {"grad_clipped": "grad_clipped", "update_clipped": "update_clipped"}
+
+
+def _fresh_sums() -> dict[str, Any]:
+    # Everything an epoch accumulates, as plain numbers (saved in checkpoints mid-epoch).
+    return {
+        "loss": 0.0,
+        "correct": 0,
+        "seen": 0,
+        "seconds": 0.0,
+        "grad_norm_sum": 0.0,
+        "grad_norm_n": 0,
+        "grad_norm_max": 0.0,
+        "update_norm_sum": 0.0,
+        "update_ratio_sum": 0.0,
+        "update_n": 0,
+        **dict.fromkeys((*_ACTION_COUNTS.values(), *_FLAG_COUNTS.values()), 0),
+    }
 
 
 class TrainingInterrupted(Exception):
@@ -71,7 +131,8 @@ class Trainer:
     total number of epochs (a resumed trainer continues up to it).  Public attributes that
     callbacks read: ``epoch`` (epochs finished), ``batch`` (batches finished in the current
     epoch), ``batches_per_epoch``, ``step``, ``last_loss``/``last_acc`` (of the latest batch),
-    ``running_loss``/``running_acc`` (current epoch so far), ``history`` (``EpochRecord`` list).
+    ``running_loss``/``running_acc`` (current epoch so far), ``history`` (``EpochRecord`` list),
+    ``guarded`` (whether the optimizer has a stability guard; see the module docstring).
     """
 
     def __init__(
@@ -106,7 +167,8 @@ class Trainer:
         self.last_loss = math.nan
         self.last_acc = math.nan
         self._epoch_start_rng = generator.get_state()
-        self._sums = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+        self._sums = _fresh_sums()
+        self.guarded = getattr(optimizer, "guard", None) is not None
         self._callbacks: dict[str, list[Callback]] = defaultdict(list)
         self._stop_requested = False
 
@@ -203,11 +265,12 @@ class Trainer:
                 test_acc=test_acc,
                 lr=float(self.optimizer.param_groups[0]["lr"]),
                 seconds=seconds,
+                **self._guard_summary(),
             )
         )
         self.epoch += 1
         self.batch = 0
-        self._sums = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+        self._sums = _fresh_sums()
         self._epoch_start_rng = self.generator.get_state()
         self.trigger("epoch_end")
 
@@ -216,7 +279,11 @@ class Trainer:
         loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        if self.guarded:
+            self.optimizer.step(loss=loss.detach())
+            self._record_guard(self.optimizer.guard_diagnostics)
+        else:
+            self.optimizer.step()
         self.step += 1
         count = len(y)
         self.last_loss = float(loss.item())
@@ -225,6 +292,41 @@ class Trainer:
         self._sums["loss"] += self.last_loss * count
         self._sums["correct"] += correct
         self._sums["seen"] += count
+
+    def _record_guard(self, diag: dict[str, Any]) -> None:
+        sums = self._sums
+        norm = diag.get("grad_norm")
+        if norm is not None and math.isfinite(norm):
+            sums["grad_norm_sum"] += norm
+            sums["grad_norm_n"] += 1
+            sums["grad_norm_max"] = max(sums["grad_norm_max"], norm)
+        update, ratio = diag.get("update_norm"), diag.get("update_ratio")
+        if diag.get("applied") and update is not None and ratio is not None:
+            sums["update_norm_sum"] += update
+            sums["update_ratio_sum"] += ratio
+            sums["update_n"] += 1
+        counter = _ACTION_COUNTS.get(diag.get("action"))
+        if counter is not None:
+            sums[counter] += 1
+        for flag, name in _FLAG_COUNTS.items():
+            if diag.get(flag):
+                sums[name] += 1
+
+    def _guard_summary(self) -> dict[str, Any]:
+        # The guard fields of this epoch's EpochRecord (empty dict: all None, no guard).
+        sums = self._sums
+        if not self.guarded:
+            return {}
+        out: dict[str, Any] = {
+            name: int(sums[name]) for name in (*_ACTION_COUNTS.values(), *_FLAG_COUNTS.values())
+        }
+        if sums["grad_norm_n"]:
+            out["grad_norm"] = sums["grad_norm_sum"] / sums["grad_norm_n"]
+            out["grad_norm_max"] = sums["grad_norm_max"]
+        if sums["update_n"]:
+            out["update_norm"] = sums["update_norm_sum"] / sums["update_n"]
+            out["update_ratio"] = sums["update_ratio_sum"] / sums["update_n"]
+        return out
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -277,5 +379,6 @@ class Trainer:
         self.generator.set_state(state["epoch_start_rng"])
         self._epoch_start_rng = state["epoch_start_rng"].clone()
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
-        self._sums = dict(state["sums"])
+        # Checkpoints from before the guard columns lack their sums: they start at zero.
+        self._sums = {**_fresh_sums(), **state["sums"]}
         self.history = history

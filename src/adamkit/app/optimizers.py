@@ -3,7 +3,13 @@
 Importing this module imports no framework; each factory imports what it needs when called, so
 ``--help`` and argument checking stay fast and ``adamkit.torch`` is loaded only if used.
 A factory receives the model's parameters and the whole run configuration, so options added
-later (``--state``, ``--guard``) reach the optimizer without changing this interface.
+later (``--state``) reach the optimizer without changing this interface.
+
+``--guard`` (``config.guard``): ``"default"`` builds each optimizer as it comes (adamkit's guard
+skips non-finite steps, torch's optimizers have none), ``"off"`` passes ``guard=False`` to
+adamkit's, ``"all"`` passes ``guard="all"`` to adamkit's and wraps torch's in
+:class:`adamkit.torch.GuardedOptimizer` (every behaviour but update clipping, which lives inside
+Adam's own step).  :func:`describe_guard` says what a built optimizer got.
 
 ``--framework keras`` has its own table, :data:`KERAS_OPTIMIZERS`, whose factories receive only
 the configuration (Keras optimizers find their variables when ``fit`` builds them); the same
@@ -21,10 +27,12 @@ if TYPE_CHECKING:
     from adamkit.app.config import TrainConfig
 
 __all__ = [
+    "BUILT_IN_GUARD",
     "KERAS_OPTIMIZERS",
     "OPTIMIZERS",
     "KerasOptimizerSpec",
     "OptimizerSpec",
+    "describe_guard",
     "make_optimizer",
     "optimizer_table",
 ]
@@ -39,16 +47,21 @@ class OptimizerSpec(NamedTuple):
     factory: Factory
 
 
+def _adamkit_guard(config: TrainConfig) -> Any:
+    # "default" leaves the optimizer's own default in place (non-finite skip).
+    return {"default": True, "off": False, "all": "all"}[config.guard]
+
+
 def _adamkit_adam(params: Iterable[Any], config: TrainConfig) -> torch.optim.Optimizer:
     from adamkit.torch import Adam
 
-    return Adam(params, lr=config.lr)
+    return Adam(params, lr=config.lr, guard=_adamkit_guard(config))
 
 
 def _adamkit_adamw(params: Iterable[Any], config: TrainConfig) -> torch.optim.Optimizer:
     from adamkit.torch import AdamW
 
-    return AdamW(params, lr=config.lr)
+    return AdamW(params, lr=config.lr, guard=_adamkit_guard(config))
 
 
 def _torch_adam(params: Iterable[Any], config: TrainConfig) -> torch.optim.Optimizer:
@@ -134,10 +147,35 @@ def optimizer_table(framework: str) -> dict[str, Any]:
     return {"torch": OPTIMIZERS, "keras": KERAS_OPTIMIZERS}[framework]
 
 
+#: Optimizers of :data:`OPTIMIZERS` that carry their own guard (``guard=``); the others are
+#: wrapped in ``GuardedOptimizer`` for ``--guard all``.
+BUILT_IN_GUARD = ("adamkit", "adamkit-adamw")
+
+
 def make_optimizer(name: str, params: Iterable[Any], config: TrainConfig) -> torch.optim.Optimizer:
-    """Build optimizer ``name`` over ``params`` with ``config.lr``.
+    """Build optimizer ``name`` over ``params`` with ``config.lr`` and ``config.guard``.
 
     Raises ``KeyError`` for an unknown name (the CLI checks names first) and ``ImportError``
     when the optimizer's package is missing.
     """
-    return OPTIMIZERS[name].factory(params, config)
+    optimizer = OPTIMIZERS[name].factory(params, config)
+    if config.guard == "all" and name not in BUILT_IN_GUARD:
+        from adamkit.torch import GuardedOptimizer
+
+        optimizer = GuardedOptimizer(optimizer, guard="all")
+    return optimizer
+
+
+def describe_guard(optimizer: Any, setting: str) -> dict[str, Any]:
+    """What ``--guard setting`` gave ``optimizer``, for ``config.json``.
+
+    ``{"setting": "default"|"off"|"all", "active": bool, "how": "built-in"|"GuardedOptimizer"|
+    None, "config": GuardConfig.to_dict() or None}``.
+    """
+    guard = getattr(optimizer, "guard", None)
+    if guard is None:
+        return {"setting": setting, "active": False, "how": None, "config": None}
+    from adamkit.torch import GuardedOptimizer
+
+    how = "GuardedOptimizer" if isinstance(optimizer, GuardedOptimizer) else "built-in"
+    return {"setting": setting, "active": True, "how": how, "config": guard.config.to_dict()}

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from adamkit.app.files import atomic_write
-from adamkit.app.loop import COLUMNS, Trainer
+from adamkit.app.loop import COLUMNS, EpochRecord, Trainer
 
 __all__ = [
     "CsvWriter",
     "PlainProgress",
     "TqdmProgress",
     "atomic_write_text",
+    "guard_summary",
     "make_progress",
     "versions",
     "write_config_json",
@@ -60,7 +61,11 @@ class CsvWriter:
     """Subscriber that rewrites ``metrics.csv`` from the trainer's history at every epoch end.
 
     Columns: ``epoch, step, train_loss, train_acc, test_loss, test_acc, lr, seconds`` (floats at
-    full precision, so a resumed run can be compared exactly).
+    full precision, so a resumed run can be compared exactly), then the stability guard's
+    ``grad_norm, grad_norm_max, update_norm, update_ratio, skipped_nonfinite,
+    skipped_loss_spike, rollbacks, grad_clipped, update_clipped`` (see
+    :class:`~adamkit.app.loop.EpochRecord`; empty cells where the optimizer has no guard or the
+    guard did not measure a value).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -78,6 +83,41 @@ class CsvWriter:
         for record in trainer.history:
             writer.writerow(record.as_dict())
         atomic_write_text(self.path, buffer.getvalue())
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+def guard_summary(records: list[EpochRecord], setting: str = "") -> str | None:
+    """One line on what the stability guard did over ``records``; ``None`` without a guard.
+
+    ``"guard (all): 3 steps skipped (non-finite), 1 rollback, 17 gradients clipped in 940
+    steps"``, or ``"guard (default): nothing skipped, clipped or rolled back in 940 steps"``.
+    ``setting`` (the ``--guard`` value) goes in the brackets.  Epochs recorded without a guard
+    (``None`` counts) are left out.
+    """
+    guarded = [r for r in records if r.skipped_nonfinite is not None]
+    if not guarded:
+        return None
+
+    def total(name: str) -> int:
+        return sum(int(getattr(r, name) or 0) for r in guarded)
+
+    parts = []
+    if n := total("skipped_nonfinite"):
+        parts.append(_count(n, "step") + " skipped (non-finite)")
+    if n := total("skipped_loss_spike"):
+        parts.append(_count(n, "step") + " skipped (loss spike)")
+    if n := total("rollbacks"):
+        parts.append(_count(n, "rollback"))
+    if n := total("grad_clipped"):
+        parts.append(_count(n, "gradient") + " clipped (spike)")
+    if n := total("update_clipped"):
+        parts.append(_count(n, "update") + " clipped")
+    what = ", ".join(parts) if parts else "nothing skipped, clipped or rolled back"
+    label = f"guard ({setting})" if setting else "guard"
+    return f"{label}: {what} in {_count(guarded[-1].step, 'step')}"
 
 
 def _epoch_line(trainer: Trainer, prefix: str) -> str:

@@ -4,6 +4,11 @@ Output layout (``--out``, default ``runs/<dataset>-<optimizer>-<YYYYmmdd-HHMMSS>
 
     config.json  metrics.csv  curves.png  checkpoint.pt
 
+``--guard`` (see ``optimizers.py``): ``config.json`` records what the optimizer got under
+``"guard"`` (the resolved :class:`adamkit.guard.GuardConfig`, or ``null``), ``metrics.csv`` has the
+guard's diagnostics per epoch, ``curves.png`` a third panel with them, and a line after the final
+accuracy says what the guard did over the run.
+
 With ``--compare A,B,...`` (default ``runs/<dataset>-compare-<timestamp>/``) each optimizer gets
 a subfolder with those four files, and the top folder holds a ``config.json`` for the whole
 comparison and a ``curves.png`` with one colour per optimizer.  Every optimizer starts from the
@@ -233,7 +238,7 @@ def _train_one(session: _Session, name: str, run_dir: Path, prefix: str) -> Any:
     from adamkit.app.checkpoint import CheckpointWriter, restore_training
     from adamkit.app.loop import Trainer
     from adamkit.app.model import build_mlp
-    from adamkit.app.optimizers import make_optimizer
+    from adamkit.app.optimizers import describe_guard, make_optimizer
     from adamkit.app.plots import plot_curves
     from adamkit.app.report import CsvWriter, make_progress, write_config_json
 
@@ -255,7 +260,11 @@ def _train_one(session: _Session, name: str, run_dir: Path, prefix: str) -> Any:
     )
     if session.payload is not None and session.resume is not None:
         restore_training(session.payload, model, optimizer, trainer, session.resume)
-    document = {**session.document, "settings": run_config.to_dict()}
+    document = {
+        **session.document,
+        "settings": run_config.to_dict(),
+        "guard": describe_guard(optimizer, config.guard),
+    }
     write_config_json(run_dir / "config.json", document)
     make_progress(session.stdout, prefix).attach(trainer)
     CsvWriter(run_dir / "metrics.csv").attach(trainer)
@@ -341,8 +350,8 @@ def _run_all(
     from adamkit.app.data import load_dataset
     from adamkit.app.loop import TrainingInterrupted
     from adamkit.app.plots import plot_curves
+    from adamkit.app.report import guard_summary, write_config_json
     from adamkit.app.report import versions as get_versions
-    from adamkit.app.report import write_config_json
 
     dataset = load_dataset(config.dataset, config.data_dir)
     tensors = (
@@ -390,6 +399,9 @@ def _run_all(
             file=stdout,
             flush=True,
         )
+        summary = guard_summary(trainer.history, config.guard)
+        if summary is not None:
+            print(f"{prefix}{summary}", file=stdout, flush=True)
     if config.compare:
         plot_curves(histories, out / "curves.png", title=_title(config, ", ".join(names)))
     print(f"results in {config.out}", file=stdout, flush=True)

@@ -353,7 +353,7 @@ def adam_numba_(
     count follows ``torch.get_num_threads()`` (capped by ``NUMBA_NUM_THREADS``), so
     ``torch.set_num_threads`` governs both.
     """
-    _sync_numba_threads()
+    torch_threads = _sync_numba_threads()
     _adam_numpy_(
         "auto",
         params,
@@ -371,14 +371,20 @@ def adam_numba_(
         amsgrad=amsgrad,
         maximize=maximize,
     )
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
 
 
-def _sync_numba_threads() -> None:
+def _sync_numba_threads() -> int:
+    # Returns torch's thread count so the caller can restore it: starting numba's OpenMP pool
+    # resets the process-wide OpenMP setting that torch reads (seen: 1 -> 2 threads).
     import numba
 
-    wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    torch_threads = torch.get_num_threads()
+    wanted = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != wanted:
         numba.set_num_threads(wanted)
+    return torch_threads
 
 
 _IMPLEMENTATIONS: dict[str, StepFn] = {
