@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -40,6 +41,6 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert blocks
     monkeypatch.chdir(tmp_path)
     for block in blocks:
-        if "import keras" in block or "adamkit.keras" in block:
-            pytest.importorskip("keras")
+        if "import keras" in block and importlib.util.find_spec("keras") is None:
+            pytest.skip("keras is not installed")  # the block picks its own backend
         exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
