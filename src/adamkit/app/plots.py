@@ -71,7 +71,7 @@ def plot_curves(
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     if guarded:
         axes[2].set(
-            xlabel="epoch", ylabel="gradient L2 norm", title="guard: gradient norm (max dotted)"
+            xlabel="epoch", ylabel="L2 norm (mean; max dotted)", title="guard: gradient norm"
         )
     for ax in axes:
         ax.grid(alpha=0.3)
