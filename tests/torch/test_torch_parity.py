@@ -4,17 +4,28 @@
 bit-identical (which also pins every option).  The default ``impl="auto"`` runs the fused numba
 kernel for float32/float64 CPU tensors: float64 agrees to rounding (<= 1e-12 relative after 300
 steps, plus the float32 rounding of a tensor lr that torch applies and the kernel does not);
-float32 to AUTO_FLOAT32_TOL.  Measured worst case over 3 seeds x 10 cases x 2 models: 1.03e-6,
-the same as torch's own ``fused=True`` against its single-tensor path on the same runs (1.01e-6):
-after 300 steps of training a few ulps per step (torch's CPU sqrt is not correctly rounded, the
-kernel's is) grow to ~1e-6.  bfloat16 runs the torch-ops step under "auto" and stays bit-exact.
+float32 to AUTO_FLOAT32_TOL, or to 10x how far torch's own ``fused=True`` lands from its
+single-tensor step on the same run, whichever is larger.  Training feeds the parameters back into
+the gradients, so a few ulps per step (torch's CPU sqrt is not correctly rounded, the kernel's is)
+grow chaotically: measured worst case 1.03e-6 over 3 seeds x 10 cases x 2 models, but one seed
+(1206362603, adam-all, MLP) reaches 2.6e-5 — where torch's fused step reaches 1.9e-5 and the NumPy
+reference 1.2e-5.  bfloat16 runs the torch-ops step under "auto" and stays bit-exact.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from _torch_helpers import CASES, MODELS, batches, fresh_seed, rel_diff, train, twin
+from _torch_helpers import (
+    CASES,
+    MODELS,
+    batches,
+    fresh_seed,
+    max_rel_diff,
+    rel_diff,
+    train,
+    twin,
+)
 
 import adamkit.torch as at
 
@@ -52,6 +63,7 @@ def test_matches_torch_optim(case, model_name, dtype, impl):
     make, input_shape = MODELS[model_name]
     reference_model = make(gen, dtype)
     model = twin(reference_model)
+    reference_model_at_start = twin(reference_model)
     initial = next(model.parameters()).detach().clone()
     data = batches(gen, input_shape, dtype, STEPS)
 
@@ -62,6 +74,12 @@ def test_matches_torch_optim(case, model_name, dtype, impl):
     losses = train(model, optimizer, data)
 
     tol = _tolerance(case, dtype, impl)
+    if impl == "auto" and dtype == torch.float32:
+        fused_model = twin(reference_model_at_start)
+        train(
+            fused_model, case.torch_cls(fused_model.parameters(), fused=True, **case.kwargs), data
+        )
+        tol = max(tol, 10 * max_rel_diff(fused_model, reference_model))
     if tol == 0.0:
         assert losses == expected_losses, f"seed={seed}"
     for (name, p), q in zip(model.named_parameters(), reference_model.parameters(), strict=True):
