@@ -162,3 +162,12 @@ CASES: list[Case] = [
     ),
     Case("adamw-maximize", torch.optim.AdamW, at.AdamW, {"lr": 2e-3, "maximize": True}),
 ]
+
+
+def torch_fused_spread(case: Case, start: nn.Module, data: list, single: nn.Module) -> float:
+    """How far torch's own ``fused=True`` step lands from its single-tensor step (``single``,
+    trained from ``start`` on ``data``): the natural yardstick for float32 paths that round a few
+    ulps differently, since training amplifies such differences chaotically on some seeds."""
+    fused = twin(start)
+    train(fused, case.torch_cls(fused.parameters(), fused=True, **case.kwargs), data)
+    return max_rel_diff(fused, single)
