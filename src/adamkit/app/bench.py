@@ -203,14 +203,17 @@ def _setup_adamkit_numpy(problem: Problem) -> StepFn:
     return lambda: opt.step(problem.grads)
 
 
-def _setup_adamkit_torch(problem: Problem) -> StepFn:
-    _need("torch", "pip install adamkit[torch]")
-    try:
-        from adamkit.torch import Adam
-    except ImportError as exc:
-        raise Skip(f"adamkit.torch is not available: {exc}") from None
-    opt = Adam(problem.torch_params(), lr=LR, betas=(BETA1, BETA2), eps=EPS)
-    return opt.step
+def _adamkit_torch(**options: Any) -> Callable[[Problem], StepFn]:
+    def setup(problem: Problem) -> StepFn:
+        _need("torch", "pip install adamkit[torch]")
+        try:
+            from adamkit.torch import Adam
+        except ImportError as exc:
+            raise Skip(f"adamkit.torch is not available: {exc}") from None
+        opt = Adam(problem.torch_params(), lr=LR, betas=(BETA1, BETA2), eps=EPS, **options)
+        return opt.step
+
+    return setup
 
 
 def _setup_kernel_on_torch(problem: Problem) -> StepFn:
@@ -341,7 +344,14 @@ CANDIDATES: dict[str, Candidate] = {
         Candidate(FLOOR, "streaming floor: same bytes, trivial arithmetic (numba)", _setup_floor),
         Candidate("adamkit.kernels", "adam_update_(impl='numba') on NumPy arrays", _setup_kernel),
         Candidate("adamkit.numpy", "adamkit.numpy.Adam (impl='auto')", _setup_adamkit_numpy),
-        Candidate("adamkit.torch", "adamkit.torch.Adam (impl='auto')", _setup_adamkit_torch),
+        Candidate(
+            "adamkit.torch", "adamkit.torch.Adam (impl='auto', default guard)", _adamkit_torch()
+        ),
+        Candidate(
+            "adamkit.torch-noguard",
+            "adamkit.torch.Adam (impl='auto', guard=False)",
+            _adamkit_torch(guard=False),
+        ),
         Candidate(
             "kernel-via-torch",
             "adam_update_(impl='numba') on tensor.numpy() views made each step",
@@ -361,6 +371,7 @@ QUICK_CANDIDATES = (
     "adamkit.kernels",
     "adamkit.numpy",
     "adamkit.torch",
+    "adamkit.torch-noguard",
     "torch.foreach",
     BASELINE,
     "numpy.textbook",
