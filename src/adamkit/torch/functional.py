@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -288,91 +288,52 @@ def _adam_numpy_(
     )
 
 
-def adam_reference_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    max_exp_avg_sqs: Sequence[Tensor],
-    state_steps: Sequence[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    amsgrad: bool,
-    maximize: bool,
-) -> None:
+def _numpy_backed(kernel: str, name: str, doc: str) -> StepFn:
+    # adam_reference_ and adam_numba_: the same NumPy-view step, told which kernel to run.
+    def step(
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        exp_avg_sqs: Sequence[Tensor],
+        max_exp_avg_sqs: Sequence[Tensor],
+        state_steps: Sequence[Tensor],
+        **hyper: Any,
+    ) -> None:
+        torch_threads = _sync_numba_threads() if kernel != "reference" else None
+        _adam_numpy_(
+            kernel, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **hyper
+        )
+        if torch_threads is not None and torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
+
+    step.__name__ = step.__qualname__ = name
+    step.__doc__ = doc
+    return step
+
+
+adam_reference_ = _numpy_backed(
+    "reference",
+    "adam_reference_",
     """Adam step by :func:`adamkit.kernels.adam_update_` (``impl="reference"``) on NumPy views.
 
-    Tensors must be on the CPU with dtype float32 or float64 (:func:`select_impl` checks this);
-    ``lr`` is used as a Python float.  DTensors are updated through their local shards and need
-    gradient and state placed like the parameter (else ``ValueError``, before anything changes).
-    """
-    _adam_numpy_(
-        "reference",
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        state_steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-    )
+    Same arguments as :func:`adam_torch_` (:data:`StepFn`).  Tensors must be on the CPU with
+    dtype float32 or float64 (:func:`select_impl` checks this); ``lr`` is used as a Python float.
+    DTensors are updated through their local shards and need gradient and state placed like the
+    parameter (else ``ValueError``, before anything changes).
+    """,
+)
 
-
-def adam_numba_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    max_exp_avg_sqs: Sequence[Tensor],
-    state_steps: Sequence[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    amsgrad: bool,
-    maximize: bool,
-) -> None:
-    """Adam step by the fused numba kernel on NumPy views; same contract as :func:`adam_reference_`.
+adam_numba_ = _numpy_backed(
+    "auto",
+    "adam_numba_",
+    """Adam step by the fused numba kernel on NumPy views; same contract as
+    :func:`adam_reference_`.
 
     Tensors the kernel cannot take (non-contiguous) go to the reference step.  numba's thread
     count follows ``torch.get_num_threads()`` (capped by ``NUMBA_NUM_THREADS``), so
-    ``torch.set_num_threads`` governs both.
-    """
-    torch_threads = _sync_numba_threads()
-    _adam_numpy_(
-        "auto",
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        state_steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-    )
-    if torch.get_num_threads() != torch_threads:
-        torch.set_num_threads(torch_threads)
+    ``torch.set_num_threads`` governs both; torch's own count is restored afterwards.
+    """,
+)
 
 
 def _sync_numba_threads() -> int:
