@@ -9,7 +9,7 @@ checkpoint).
 Options are declared in groups (data, optimizer, run).  Each option's ``dest`` is a
 ``TrainConfig`` field name and its parser default is ``None`` ("not given"), so
 :func:`config_from_args` can copy options to the config by name and ``--resume`` can tell what
-the user changed.  To add an option (``--state``, ``--nproc``; ``--guard`` and ``--framework``
+the user changed.  To add an option (``--guard``, ``--framework``, ``--state`` and ``--nproc``
 were added so), add it to a group here and a field to ``TrainConfig`` (see ``config.py``); nothing
 else here changes.
 """
@@ -30,6 +30,9 @@ from adamkit.app.config import (
     DATASETS,
     FRAMEWORKS,
     GUARDS,
+    MAX_NPROC_PER_CPU,
+    STATE_OPTIMIZERS,
+    STATES,
     TrainConfig,
 )
 from adamkit.app.errors import AppError
@@ -106,6 +109,13 @@ def _add_optimizer_options(parser: argparse.ArgumentParser) -> None:
         + f" (default: {COMMON_DEFAULTS['guard']})",
     )
     group.add_argument(
+        "--state",
+        choices=list(STATES),
+        help="how adamkit's optimizers store the moments: "
+        + "; ".join(f"{name} = {text}" for name, text in STATES.items())
+        + f" (only {', '.join(STATE_OPTIMIZERS)}; default: moments in the parameters' dtype)",
+    )
+    group.add_argument(
         "--compare",
         type=_optimizer_list,
         metavar="A,B,...",
@@ -155,8 +165,17 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         metavar="CKPT",
         help="continue the run saved in CKPT (a checkpoint.pt, or a checkpoint.keras of "
         "--framework keras) exactly where it stopped; "
-        "settings come from the checkpoint, only --epochs, --out and --data-dir may change "
-        "(default: start a new run)",
+        "settings come from the checkpoint, only --epochs, --out, --data-dir and --nproc may "
+        "change (default: start a new run)",
+    )
+    group.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train data-parallel on N local processes (torch.distributed, gloo on the CPU): "
+        "each takes 1/N of every batch, so batch size, data order and results stay those of "
+        f"one process up to rounding; 1 to {MAX_NPROC_PER_CPU} x CPU cores, torch only, not "
+        "with --compare (default: 1, this process)",
     )
 
 

@@ -4,8 +4,8 @@
 the checkpoint store it (``dataclasses.asdict``), and ``--resume`` rebuilds it.  Every check
 happens in :func:`validate`, before any data is read or any training starts.
 
-Adding an option later (``--state fp32|bf16|int8``, ``--nproc N``; ``--guard`` and
-``--framework`` were added this way) takes three edits and no restructuring: a field here with
+Adding an option later (``--guard``, ``--framework``, ``--state`` and ``--nproc`` were added
+this way) takes three edits and no restructuring: a field here with
 its default (and a check in :func:`validate`), an argument with the same ``dest`` in the
 matching group of ``cli.py`` (``cli.config_from_args`` copies every field by name), and the
 consumer reading ``config.<field>`` (the optimizer factory in ``optimizers.py`` and the model
@@ -19,6 +19,7 @@ that earlier releases read.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +32,11 @@ __all__ = [
     "DATASET_DEFAULTS",
     "FRAMEWORKS",
     "GUARDS",
+    "MAX_NPROC_PER_CPU",
     "OMIT_AT_DEFAULT",
     "RESUME_MAY_CHANGE",
+    "STATES",
+    "STATE_OPTIMIZERS",
     "TrainConfig",
     "build_config",
     "resolve_defaults",
@@ -64,6 +68,20 @@ GUARDS: dict[str, str] = {
     "torch optimizers are wrapped in adamkit.torch.GuardedOptimizer",
 }
 
+#: Moment storage formats ``--state`` accepts (``adamkit.torch.Adam(state=...)``), for ``--help``.
+STATES: dict[str, str] = {
+    "fp32": "float32 moments whatever the parameter dtype",
+    "bf16": "bfloat16 moments with stochastic rounding (half the memory of fp32)",
+    "int8": "block-wise int8 moments, one float32 scale per 256 values (a quarter of fp32; "
+    "small tensors and biases keep float32)",
+}
+
+#: The ``--optimizer`` choices that take ``--state`` (adamkit's own; torch's have no formats).
+STATE_OPTIMIZERS = ("adamkit", "adamkit-adamw")
+
+#: ``--nproc`` may ask for up to this many processes per CPU core (``os.cpu_count()``).
+MAX_NPROC_PER_CPU = 4
+
 #: Defaults shared by every data set (the Keras MNIST example: MLP 128, Adam lr 1e-3).
 COMMON_DEFAULTS: dict[str, Any] = {
     "optimizer": "adamkit",
@@ -94,7 +112,9 @@ class TrainConfig:
     are trained one after the other from the same initial weights and data order.  ``out`` is the
     output folder; ``data_dir`` is ``None`` to search the usual places (see ``data.py``).
     ``framework`` is ``"torch"`` or ``"keras"`` (see ``keras_train.py``).  ``guard`` is a key of
-    :data:`GUARDS` (read by ``optimizers.py``).
+    :data:`GUARDS` (read by ``optimizers.py``).  ``state`` is ``None`` (the optimizer's default:
+    moments in the parameters' dtype) or a key of :data:`STATES`.  ``nproc`` is the number of
+    data-parallel processes (see ``parallel.py``; 1 trains in this process).
     """
 
     dataset: str = "digits"
@@ -109,6 +129,8 @@ class TrainConfig:
     compare: tuple[str, ...] = field(default_factory=tuple)
     framework: str = COMMON_DEFAULTS["framework"]
     guard: str = COMMON_DEFAULTS["guard"]
+    state: str | None = None
+    nproc: int = 1
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (not validated; call :func:`validate`)."""
@@ -142,7 +164,7 @@ class TrainConfig:
 
 
 #: Options added after the first release (see :meth:`TrainConfig.to_dict`).
-OMIT_AT_DEFAULT: tuple[str, ...] = ("guard",)
+OMIT_AT_DEFAULT: tuple[str, ...] = ("guard", "state", "nproc")
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
@@ -159,6 +181,44 @@ def resolve_defaults(dataset: str, given: dict[str, Any]) -> dict[str, Any]:
 def _positive_int(value: Any, flag: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UsageError(f"{flag} must be an integer >= 1, got {value!r}")
+
+
+def _check_state(config: TrainConfig, names: tuple[str, ...]) -> None:
+    if config.state is None:
+        return
+    if config.state not in STATES:
+        raise UsageError(f"--state must be one of {', '.join(STATES)}, got {config.state!r}")
+    if config.framework != "torch":
+        raise UsageError(
+            f"--state is not available with --framework {config.framework}; use --framework "
+            "torch or leave --state out"
+        )
+    for name in names:
+        if name not in STATE_OPTIMIZERS:
+            raise UsageError(
+                f"--state {config.state} needs an adamkit optimizer ({', '.join(STATE_OPTIMIZERS)})"
+                f"; {name} keeps its moments in the parameters' dtype (leave --state out)"
+            )
+
+
+def _check_nproc(config: TrainConfig) -> None:
+    limit = (os.cpu_count() or 1) * MAX_NPROC_PER_CPU
+    value = config.nproc
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise UsageError(
+            f"--nproc must be an integer in [1, {limit}] ({MAX_NPROC_PER_CPU} per CPU core), "
+            f"got {value!r}"
+        )
+    if value > 1 and config.framework != "torch":
+        raise UsageError(
+            f"--nproc is not supported with --framework {config.framework} (data-parallel "
+            "training is torch only); leave --nproc out"
+        )
+    if value > 1 and config.compare:
+        raise UsageError(
+            "--nproc is not supported with --compare; train each optimizer with its own "
+            "--optimizer run"
+        )
 
 
 def validate(config: TrainConfig) -> TrainConfig:
@@ -192,6 +252,8 @@ def validate(config: TrainConfig) -> TrainConfig:
             )
     if len(set(names)) != len(names):
         raise UsageError(f"--compare lists an optimizer twice: {','.join(names)}")
+    _check_state(config, names)
+    _check_nproc(config)
     try:
         lr: float | None = check_lr(config.lr, "--lr")
     except TypeError as exc:
@@ -216,7 +278,7 @@ def validate(config: TrainConfig) -> TrainConfig:
 
 
 #: Settings that ``--resume`` may change; every other explicit setting must match the checkpoint.
-RESUME_MAY_CHANGE = ("epochs", "out", "data_dir")
+RESUME_MAY_CHANGE = ("epochs", "out", "data_dir", "nproc")
 
 
 def _flag(name: str) -> str:
@@ -263,6 +325,7 @@ def resume_config(stored: dict[str, Any], explicit: dict[str, Any]) -> TrainConf
         elif value != getattr(base, name):
             raise UsageError(
                 f"{_flag(name)} {value} differs from the checkpoint's {getattr(base, name)}; "
-                f"leave it out when resuming (only --epochs, --out and --data-dir may change)"
+                f"leave it out when resuming (only --epochs, --out, --data-dir and --nproc may "
+                "change)"
             )
     return validate(base.replace(**changes))

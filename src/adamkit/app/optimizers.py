@@ -3,7 +3,8 @@
 Importing this module imports no framework; each factory imports what it needs when called, so
 ``--help`` and argument checking stay fast and ``adamkit.torch`` is loaded only if used.
 A factory receives the model's parameters and the whole run configuration, so options added
-later (``--state``) reach the optimizer without changing this interface.
+later reach the optimizer without changing this interface: ``--state`` (``config.state``) is
+passed to adamkit's optimizers as ``state=`` (``config.py`` refuses it for the others).
 
 ``--guard`` (``config.guard``): ``"default"`` builds each optimizer as it comes (adamkit's guard
 skips non-finite steps, torch's optimizers have none), ``"off"`` passes ``guard=False`` to
@@ -55,13 +56,13 @@ def _adamkit_guard(config: TrainConfig) -> Any:
 def _adamkit_adam(params: Iterable[Any], config: TrainConfig) -> torch.optim.Optimizer:
     from adamkit.torch import Adam
 
-    return Adam(params, lr=config.lr, guard=_adamkit_guard(config))
+    return Adam(params, lr=config.lr, guard=_adamkit_guard(config), state=config.state)
 
 
 def _adamkit_adamw(params: Iterable[Any], config: TrainConfig) -> torch.optim.Optimizer:
     from adamkit.torch import AdamW
 
-    return AdamW(params, lr=config.lr, guard=_adamkit_guard(config))
+    return AdamW(params, lr=config.lr, guard=_adamkit_guard(config), state=config.state)
 
 
 def _torch_adam(params: Iterable[Any], config: TrainConfig) -> torch.optim.Optimizer:

@@ -7,7 +7,11 @@ Output layout (``--out``, default ``runs/<dataset>-<optimizer>-<YYYYmmdd-HHMMSS>
 ``--guard`` (see ``optimizers.py``): ``config.json`` records what the optimizer got under
 ``"guard"`` (the resolved :class:`adamkit.guard.GuardConfig`, or ``null``), ``metrics.csv`` has the
 guard's diagnostics per epoch, ``curves.png`` a third panel with them, and a line after the final
-accuracy says what the guard did over the run.
+accuracy says what the guard did over the run.  ``config.json`` also records ``"state"`` (the
+``--state`` format, ``null`` for the optimizer's default) and ``"nproc"``.
+
+``--nproc N`` (N > 1) trains data-parallel in N spawned processes (``parallel.py``); the first of
+them writes the same four files and prints the progress, so the results look like one process's.
 
 With ``--compare A,B,...`` (default ``runs/<dataset>-compare-<timestamp>/``) each optimizer gets
 a subfolder with those four files, and the top folder holds a ``config.json`` for the whole
@@ -233,6 +237,31 @@ def _train_one(session: _Session, name: str, run_dir: Path, prefix: str) -> Any:
         with _stop_on_sigint(keras_trainer.request_stop), _torch_threads(1):
             keras_trainer.run()
         return keras_trainer
+    if session.config.nproc > 1:
+        from adamkit.app.parallel import train_parallel
+
+        return train_parallel(session, name, run_dir, prefix)
+    trainer = build_torch_trainer(session, name, run_dir, prefix)
+    with _stop_on_sigint(trainer.request_stop), _torch_threads(1):
+        trainer.run()
+    return trainer
+
+
+def build_torch_trainer(
+    session: _Session,
+    name: str,
+    run_dir: Path,
+    prefix: str,
+    *,
+    make_trainer: Callable[..., Any] | None = None,
+    primary: bool = True,
+) -> Any:
+    """The ``Trainer`` of optimizer ``name``, resumed if the session has a checkpoint.
+
+    ``make_trainer`` (default :class:`adamkit.app.loop.Trainer`) is called like ``Trainer``;
+    ``parallel.py`` passes its data-parallel subclass.  Only the ``primary`` process writes
+    ``config.json`` and subscribes the progress, ``metrics.csv``, checkpoint and plot writers.
+    """
     import torch
 
     from adamkit.app.checkpoint import CheckpointWriter, restore_training
@@ -250,7 +279,7 @@ def _train_one(session: _Session, name: str, run_dir: Path, prefix: str) -> Any:
         optimizer = make_optimizer(name, model.parameters(), run_config)
     except ImportError as exc:
         raise UsageError(f"--optimizer {name} is not available: {exc}") from None
-    trainer = Trainer(
+    trainer = (make_trainer or Trainer)(
         model,
         optimizer,
         *session.tensors,
@@ -264,7 +293,11 @@ def _train_one(session: _Session, name: str, run_dir: Path, prefix: str) -> Any:
         **session.document,
         "settings": run_config.to_dict(),
         "guard": describe_guard(optimizer, config.guard),
+        "state": config.state,
+        "nproc": config.nproc,
     }
+    if not primary:
+        return trainer
     write_config_json(run_dir / "config.json", document)
     make_progress(session.stdout, prefix).attach(trainer)
     CsvWriter(run_dir / "metrics.csv").attach(trainer)
@@ -278,8 +311,6 @@ def _train_one(session: _Session, name: str, run_dir: Path, prefix: str) -> Any:
 
     trainer.add_callback("train_end", draw)
     trainer.add_callback("interrupt", draw)
-    with _stop_on_sigint(trainer.request_stop), _torch_threads(1):
-        trainer.run()
     return trainer
 
 
