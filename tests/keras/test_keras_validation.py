@@ -48,11 +48,11 @@ BAD = [
     ({"amsgrad": 1}, TypeError, "amsgrad must be True or False, got int 1"),
     ({"maximize": "no"}, TypeError, "maximize must be True or False, got str 'no'"),
     (
-        {"state": "bf16"},
+        {"state": "int8"},
         NotImplementedError,
-        "state='bf16' is not available on the Keras front end yet",
+        "state='int8' is available in adamkit.torch and adamkit.numpy; not on the Keras front end",
     ),
-    ({"guard": True}, NotImplementedError, "guard=True is not available on the Keras front end"),
+    ({"guard": "all"}, NotImplementedError, "guard='all' is not available on the Keras front end"),
     ({"betas": (0.9, 0.99)}, ValueError, "Argument(s) not recognized: {'betas': (0.9, 0.99)}"),
 ]
 

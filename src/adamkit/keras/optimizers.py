@@ -39,8 +39,38 @@ All other Keras options come from ``keras.optimizers.Optimizer`` unchanged: a fl
 ``global_clipnorm``, ``use_ema``/``ema_momentum``/``ema_overwrite_frequency``,
 ``loss_scale_factor`` and ``gradient_accumulation_steps``.
 
-State, per trained variable, in the variable's dtype (torch's names): ``exp_avg`` (m),
-``exp_avg_sq`` (v) and, with ``amsgrad``, ``max_exp_avg_sq``.
+State, per trained variable (torch's names): ``exp_avg`` (m), ``exp_avg_sq`` (v) and, with
+``amsgrad``, ``max_exp_avg_sq``.  Their dtype is chosen by ``state=`` (the names of
+:mod:`adamkit.formats`; "compute in fp32, store compressed")::
+
+    state=None     the variable's dtype; the step is computed in that dtype (Keras's behaviour)
+    state="fp32"   float32 variables; the step is computed in float32 (float64 for float64
+                   variables) and the result rounded to nearest into the variable's dtype, so
+                   bfloat16/float16 models keep full-precision moments
+    state="bf16"   bfloat16 variables (half of fp32's memory); the step is computed in float32
+                   (float64 for float64 variables: rounded to float32 first) and m, v, v_max are
+                   rounded stochastically when stored, as in adamkit.numpy and adamkit.torch:
+                   unbiased, so small EMA increments (v's (1 - beta_2) = 1e-3 relative is below
+                   half a bf16 ulp, 2**-9) still count on average, where nearest rounding would
+                   freeze v.  The random bits come from a keras.random.SeedGenerator whose state
+                   is an optimizer variable (saved, traceable; keras.utils.set_random_seed makes
+                   runs repeatable)
+    state="int8"   (and "int8-companded") NotImplementedError: block-wise quantization needs
+                   per-block scales that adamkit.torch and adamkit.numpy provide
+
+**Stability guard** (``guard=``, the names of :func:`adamkit.guard.resolve_guard`).  Only the
+non-finite skip is offered here (``guard=True``, ``"default"``, or a dict/``GuardConfig`` equal to
+the default): when any gradient of a step holds NaN or Inf, the step changes nothing — model
+variables, moments, ``iterations`` (so bias correction and learning-rate schedules do not advance),
+EMA and gradient accumulators — and ``skipped_steps`` (an integer optimizer variable, saved with
+the model) grows by one.  It is traceable: one ``all_finite`` flag, reduced over all gradients, and
+every variable the step touched is reset with ``ops.where(all_finite, new, old)``; nothing
+branches in Python on a tensor.  Cost: one copy of the trained variables and the optimizer state
+per step (on eager backends; under ``jit`` the old values are just kept alive).  The default is
+``guard=None`` (off), unlike ``adamkit.torch``: off, the step is exactly ``keras.optimizers``-style
+with no extra work, and on it is not free (see the cost).  Update clipping, gradient-spike
+clipping and loss-spike handling (``guard="all"`` and such options) raise ``NotImplementedError``;
+they are in ``adamkit.torch``.
 """
 
 from __future__ import annotations
@@ -53,6 +83,8 @@ import keras
 from keras import ops
 
 from adamkit.core.config import check_betas, check_eps, check_flag, check_lr, check_weight_decay
+from adamkit.formats import get_format
+from adamkit.guard.config import GuardConfig, resolve_guard
 
 __all__ = ["Adam", "AdamW"]
 
@@ -69,17 +101,44 @@ def _check_learning_rate(learning_rate: Any) -> Any:
     return check_lr(learning_rate, "learning_rate")
 
 
-def _check_not_yet_available(state: Any, guard: Any) -> None:
-    if state is not None:
-        raise NotImplementedError(
-            f"state={state!r} is not available on the Keras front end yet; only state=None "
-            "(moments stored in the variable's dtype) is"
+#: ``state=`` values this front end implements, and the moments' dtype for each (None: the
+#: variable's).
+STATE_DTYPES: dict[str | None, str | None] = {None: None, "fp32": "float32", "bf16": "bfloat16"}
+
+
+def _check_state(state: Any) -> str | None:
+    """Validate ``state=`` with the words of :func:`adamkit.formats.get_format`; return it with
+    ``"native"`` as ``None``.  Raises ``ValueError``/``TypeError`` for values no front end knows
+    and ``NotImplementedError`` for formats that only adamkit.torch and adamkit.numpy offer."""
+    if state is not None and not isinstance(state, str):
+        raise TypeError(
+            f"state must be None or a format name ('fp32', 'bf16'), got {type(state).__name__} "
+            f"{state!r}"
         )
-    if guard is not None and guard is not False:
+    get_format(state)  # ValueError listing the registered names for an unknown one
+    state = None if state == "native" else state
+    if state not in STATE_DTYPES:
         raise NotImplementedError(
-            f"guard={guard!r} is not available on the Keras front end yet; only guard=None "
-            "(or False) is"
+            f"state={state!r} is available in adamkit.torch and adamkit.numpy; not on the Keras "
+            "front end yet (it offers state=None, 'fp32' and 'bf16')"
         )
+    return state
+
+
+def _check_guard(guard: Any) -> bool:
+    """Whether ``guard=`` asks for the non-finite skip.  Raises ``ValueError``/``TypeError``
+    like :func:`adamkit.guard.resolve_guard`, and ``NotImplementedError`` for any other guard
+    behaviour (update or spike clipping, loss spikes, diagnostics)."""
+    config = resolve_guard(guard)
+    if config is None or config == GuardConfig(skip_nonfinite=False):
+        return False
+    if config != GuardConfig():
+        raise NotImplementedError(
+            f"guard={guard!r} is not available on the Keras front end yet: it offers only the "
+            "non-finite skip (guard=True or 'default'); update clipping, gradient-spike clipping "
+            "and loss-spike handling are in adamkit.torch"
+        )
+    return True
 
 
 def _const(value: float, dtype: str) -> Any:
@@ -104,14 +163,16 @@ class Adam(keras.optimizers.Optimizer):
     ``amsgrad``, ``weight_decay`` (>= 0 or None; coupled L2 unless ``decoupled_weight_decay``).
     adamkit adds ``maximize`` (ascend instead of descend), ``decoupled_weight_decay`` and
     ``bias_correction`` (``False`` drops both corrections).
-    ``state`` and ``guard`` are reserved for adamkit's state formats and stability guard; only
-    their defaults are accepted on the Keras front end so far.  The remaining keywords are
+    ``state`` (``None``, ``"fp32"``, ``"bf16"``) picks the moments' dtype and ``guard``
+    (``None``/``False`` or ``True``/``"default"``) the non-finite skip, counted in
+    :attr:`skipped_steps`; see the module docstring.  The remaining keywords are
     ``keras.optimizers.Optimizer``'s.
 
     Raises ``ValueError``/``TypeError`` (adamkit's shared messages, e.g. ``Invalid beta parameter
-    at index 0: 1.0 (beta1 must be in [0, 1))``) for bad hyper-parameters, ``NotImplementedError``
-    for a ``state`` or ``guard`` other than the default, and Keras's ``ValueError`` for bad base
-    options or unknown keywords.
+    at index 0: 1.0 (beta1 must be in [0, 1))``) for bad hyper-parameters and unknown
+    ``state``/``guard`` values, ``NotImplementedError`` for ``state="int8"`` and guard options
+    other than the non-finite skip, and Keras's ``ValueError`` for bad base options or unknown
+    keywords.
     """
 
     def __init__(
@@ -150,7 +211,10 @@ class Adam(keras.optimizers.Optimizer):
         maximize = check_flag(maximize, "maximize")
         decoupled_weight_decay = check_flag(decoupled_weight_decay, "decoupled_weight_decay")
         bias_correction = check_flag(bias_correction, "bias_correction")
-        _check_not_yet_available(state, guard)
+        state = _check_state(state)
+        skip_nonfinite = _check_guard(guard)
+        if skip_nonfinite and not isinstance(guard, (bool, str)):
+            guard = True  # a default dict/GuardConfig: keep the config JSON-serializable
         super().__init__(
             learning_rate=learning_rate,
             name=name,
@@ -174,17 +238,84 @@ class Adam(keras.optimizers.Optimizer):
         self.bias_correction = bias_correction
         self.state = state
         self.guard = guard
+        self._skipped_steps = None
+        if skip_nonfinite:
+            with keras.name_scope(self.name, caller=self):
+                self._skipped_steps = self.add_variable(
+                    (), dtype="int", aggregation="only_first_replica", name="skipped_steps"
+                )
+
+    @property
+    def skipped_steps(self) -> Any:
+        """The number of steps the non-finite guard skipped (an integer Keras variable), or
+        ``None`` without ``guard``."""
+        return self._skipped_steps
 
     def build(self, var_list: list[Any]) -> None:
-        """Create ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``) for each variable."""
+        """Create ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``) for each variable, in the
+        dtype ``state`` asks for."""
         if self.built:
             return
         super().build(var_list)
-        self._exp_avgs, self._exp_avg_sqs = self.add_optimizer_variables(
-            var_list, ["exp_avg", "exp_avg_sq"]
-        )
+        # The variables' order is the saved checkpoint's layout (Keras saves them by position):
+        # m and v interleaved per variable, then v_max, as keras.optimizers.Adam does.
+        if self.state is None:
+            self._exp_avgs, self._exp_avg_sqs = self.add_optimizer_variables(
+                var_list, ["exp_avg", "exp_avg_sq"]
+            )
+            if self.amsgrad:
+                self._max_exp_avg_sqs = self.add_optimizer_variables(var_list, "max_exp_avg_sq")
+            return
+        pairs = [
+            (self._add_moment(v, "exp_avg"), self._add_moment(v, "exp_avg_sq")) for v in var_list
+        ]
+        self._exp_avgs = [m for m, _ in pairs]
+        self._exp_avg_sqs = [v for _, v in pairs]
         if self.amsgrad:
-            self._max_exp_avg_sqs = self.add_optimizer_variables(var_list, "max_exp_avg_sq")
+            self._max_exp_avg_sqs = [self._add_moment(v, "max_exp_avg_sq") for v in var_list]
+        if self.state == "bf16":
+            # Its state is an optimizer variable: saved with the model, threaded through JAX's
+            # stateless apply, and reset with everything else on a skipped step.
+            self._rounding_seed = keras.random.SeedGenerator(name="bf16_rounding")
+            self._track_variable(self._rounding_seed.state)
+
+    def _add_moment(self, variable: Any, key: str) -> Any:
+        # add_optimizer_variables, with the state's dtype instead of the variable's (same names).
+        if self._overwrite_variable_with_gradient(variable):
+            return None
+        return self.add_variable(
+            variable.shape,
+            dtype=STATE_DTYPES[self.state],
+            name=f"{variable.path.replace('/', '_')}_{key}",
+            layout=getattr(variable, "_layout", None),
+        )
+
+    def apply(self, grads: Any, trainable_variables: Any = None) -> None:
+        """Keras's ``apply``; with the guard, a step with a NaN/Inf gradient changes nothing but
+        :attr:`skipped_steps` (see the module docstring)."""
+        if self._skipped_steps is None or len(grads) == 0:
+            return super().apply(grads, trainable_variables)
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+            if not self.built:  # as the base class does, so the old state can be read first
+                with keras.name_scope(self.name, caller=self):
+                    self.build(trainable_variables)
+                self.built = True
+        finite = ops.convert_to_tensor(True)
+        for grad in grads:
+            if grad is not None:
+                finite = ops.logical_and(finite, ops.all(ops.isfinite(grad)))
+        touched = [
+            v
+            for v in [*(trainable_variables or self._trainable_variables), *self.variables]
+            if v is not self._skipped_steps
+        ]
+        # A copy: the torch backend assigns in place, so .value alone would see the new value.
+        old = [ops.copy(v.value) for v in touched]
+        super().apply(grads, trainable_variables)
+        for variable, value in zip(touched, old, strict=True):
+            variable.assign(ops.where(finite, variable.value, value))
+        self._skipped_steps.assign_add(ops.cast(ops.logical_not(finite), self._skipped_steps.dtype))
 
     def _decays(self, variable: Any) -> bool:
         return bool(self.weight_decay) and self._use_weight_decay(variable)
@@ -204,26 +335,36 @@ class Adam(keras.optimizers.Optimizer):
                 )
                 variable.assign(ops.multiply(variable, factor))
 
-    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
-        """Apply one Adam update to ``variable`` (called by the base class once per variable)."""
-        dtype = variable.dtype
+    def _step_factors(self, learning_rate: Any, dtype: str) -> tuple[Any, Any]:
+        """``(lr / (1 - beta_1^t), sqrt(1 - beta_2^t))`` as ``dtype`` tensors."""
         scalar_dtype = "float64" if dtype == "float64" else "float32"
-        index = self._get_variable_index(variable)
+        lr = ops.cast(learning_rate, scalar_dtype)
+        if not self.bias_correction:
+            return ops.cast(lr, dtype), _const(1.0, dtype)
+        step = ops.cast(self.iterations + 1, scalar_dtype)
+        bc1 = _bias_correction(self.beta_1, step, scalar_dtype)
+        bc2 = _bias_correction(self.beta_2, step, scalar_dtype)
+        return ops.cast(ops.divide(lr, bc1), dtype), ops.cast(ops.sqrt(bc2), dtype)
+
+    def _direction(self, gradient: Any, variable: Any, dtype: str) -> Any:
+        """The gradient in ``dtype``, negated for ``maximize``, plus coupled L2 decay."""
         grad = ops.cast(gradient, dtype)
         if self.maximize:
             grad = ops.negative(grad)
         if not self.decoupled_weight_decay and self._decays(variable):
-            grad = ops.add(grad, ops.multiply(variable, _const(self.weight_decay, dtype)))
+            value = variable if dtype == variable.dtype else ops.cast(variable.value, dtype)
+            grad = ops.add(grad, ops.multiply(value, _const(self.weight_decay, dtype)))
+        return grad
 
-        lr = ops.cast(learning_rate, scalar_dtype)
-        if self.bias_correction:
-            step = ops.cast(self.iterations + 1, scalar_dtype)
-            bc1 = _bias_correction(self.beta_1, step, scalar_dtype)
-            step_size = ops.cast(ops.divide(lr, bc1), dtype)
-            bc2 = _bias_correction(self.beta_2, step, scalar_dtype)
-            bc2_sqrt = ops.cast(ops.sqrt(bc2), dtype)
-        else:
-            step_size, bc2_sqrt = ops.cast(lr, dtype), _const(1.0, dtype)
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        """Apply one Adam update to ``variable`` (called by the base class once per variable)."""
+        if self.state is not None:
+            self._stored_update_step(gradient, variable, learning_rate)
+            return
+        dtype = variable.dtype
+        index = self._get_variable_index(variable)
+        grad = self._direction(gradient, variable, dtype)
+        step_size, bc2_sqrt = self._step_factors(learning_rate, dtype)
 
         exp_avg = self._exp_avgs[index]
         exp_avg_sq = self._exp_avg_sqs[index]
@@ -247,6 +388,53 @@ class Adam(keras.optimizers.Optimizer):
             self.assign(second, ops.where(ops.greater_equal(old, new), old, new))
         denom = ops.add(ops.divide(ops.sqrt(second), bc2_sqrt), _const(self.epsilon, dtype))
         self.assign_sub(variable, ops.divide(ops.multiply(exp_avg, step_size), denom))
+
+    def _stored_update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        # state="fp32"/"bf16": load the moments into the compute dtype, do the step there, store
+        # them in their dtype (_round) and the variable, rounded to nearest, in its own.  The
+        # update uses the unrounded moments, as adamkit.formats' step does.
+        dtype = "float64" if variable.dtype == "float64" else "float32"
+        index = self._get_variable_index(variable)
+        grad = self._direction(gradient, variable, dtype)
+        step_size, bc2_sqrt = self._step_factors(learning_rate, dtype)
+        exp_avg_var, exp_avg_sq_var = self._exp_avgs[index], self._exp_avg_sqs[index]
+        exp_avg = ops.cast(exp_avg_var.value, dtype)
+        exp_avg_sq = ops.cast(exp_avg_sq_var.value, dtype)
+        exp_avg = ops.add(
+            exp_avg, ops.multiply(ops.subtract(grad, exp_avg), _const(1.0 - self.beta_1, dtype))
+        )
+        exp_avg_sq = ops.add(
+            ops.multiply(exp_avg_sq, _const(self.beta_2, dtype)),
+            ops.multiply(ops.multiply(grad, _const(1.0 - self.beta_2, dtype)), grad),
+        )
+        self.assign(exp_avg_var, self._round(exp_avg))
+        self.assign(exp_avg_sq_var, self._round(exp_avg_sq))
+        second = exp_avg_sq
+        if self.amsgrad:
+            max_var = self._max_exp_avg_sqs[index]
+            old = ops.cast(max_var.value, dtype)
+            second = ops.where(ops.greater_equal(old, exp_avg_sq), old, exp_avg_sq)
+            self.assign(max_var, self._round(second))
+        denom = ops.add(ops.divide(ops.sqrt(second), bc2_sqrt), _const(self.epsilon, dtype))
+        update = ops.divide(ops.multiply(exp_avg, step_size), denom)
+        new = ops.subtract(ops.cast(variable.value, dtype), update)
+        self.assign(variable, ops.cast(new, variable.dtype))
+
+    def _round(self, x: Any) -> Any:
+        """``x`` in the state's dtype: float32 as is, bfloat16 rounded stochastically."""
+        if self.state != "bf16":
+            return ops.cast(x, STATE_DTYPES[self.state])
+        # Stochastic rounding (as adamkit.formats.bf16.encode_stochastic): add 16 random bits
+        # below bfloat16's last mantissa bit of the float32 pattern, then truncate.  Integer
+        # arithmetic on the bit pattern carries into the exponent correctly for both signs;
+        # NaN and inf are passed through (their patterns would change).
+        x = ops.cast(x, "float32")
+        bits = ops.view(x, "int32")
+        noise = keras.random.randint(
+            ops.shape(x), 0, 1 << 16, dtype="int32", seed=self._rounding_seed
+        )
+        rounded = ops.view(ops.bitwise_and(ops.add(bits, noise), -(1 << 16)), "float32")
+        return ops.cast(ops.where(ops.isfinite(x), rounded, x), "bfloat16")
 
     def get_config(self) -> dict[str, Any]:
         """Keras config: the base options plus this optimizer's hyper-parameters."""
