@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
 import numpy as np
 
 from adamkit.app.errors import CheckpointError
-from adamkit.app.loop import EVENTS, EpochRecord, TrainingInterrupted
+from adamkit.app.loop import EpochRecord, EventSource, TrainingInterrupted
 
 __all__ = ["EpochBatches", "KerasTrainer", "build_model", "load_checkpoint_model"]
-
-Callback = Callable[["KerasTrainer"], None]
 
 
 def build_model(image_shape: Sequence[int], hidden: int, classes: int = 10) -> keras.Sequential:
@@ -128,7 +125,7 @@ class _Events(keras.callbacks.Callback):
         self.trainer._epoch_end(logs or {})
 
 
-class KerasTrainer:
+class KerasTrainer(EventSource):
     """``model.fit`` over :class:`EpochBatches` with the test set as validation data, emitting
     ``loop.Trainer``'s events (``train_start, (epoch_start, batch_end * n, epoch_end) * epochs,
     train_end``; ``interrupt`` after :meth:`request_stop`).
@@ -172,31 +169,12 @@ class KerasTrainer:
         self.step = 0
         self.history: list[EpochRecord] = []
         self._started = 0.0
-        self._callbacks: dict[str, list[Callback]] = defaultdict(list)
-        self._stop_requested = False
-
-    # ------------------------------------------------------------------ events
-
-    def add_callback(self, event: str, callback: Callback) -> None:
-        """Call ``callback(trainer)`` on ``event`` (one of ``loop.EVENTS``)."""
-        if event not in EVENTS:
-            raise ValueError(f"event must be one of {', '.join(EVENTS)}, got {event!r}")
-        self._callbacks[event].append(callback)
-
-    def trigger(self, event: str) -> None:
-        """Run the callbacks of ``event`` in the order they were added."""
-        for callback in self._callbacks.get(event, []):
-            callback(self)
+        self._init_events()
 
     def request_stop(self) -> None:
         """Ask ``fit`` to stop after the current batch (safe from a signal handler)."""
-        self._stop_requested = True
+        super().request_stop()
         self.model.stop_training = True
-
-    @property
-    def stop_requested(self) -> bool:
-        """Whether :meth:`request_stop` was called."""
-        return self._stop_requested
 
     @property
     def finished(self) -> bool:

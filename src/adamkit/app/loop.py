@@ -124,7 +124,38 @@ class TrainingInterrupted(Exception):
     """Raised by :meth:`Trainer.run` after the ``interrupt`` event (a stop was requested)."""
 
 
-class Trainer:
+class EventSource:
+    """Callbacks by event name and a stop flag: what the app's trainers (torch, Keras) share.
+
+    The loop only emits events; progress, CSV, checkpoints and plots subscribe to them.
+    """
+
+    def _init_events(self) -> None:
+        self._callbacks: dict[str, list[Callback]] = defaultdict(list)
+        self._stop_requested = False
+
+    def add_callback(self, event: str, callback: Callback) -> None:
+        """Call ``callback(trainer)`` on ``event`` (one of :data:`EVENTS`)."""
+        if event not in EVENTS:
+            raise ValueError(f"event must be one of {', '.join(EVENTS)}, got {event!r}")
+        self._callbacks[event].append(callback)
+
+    def trigger(self, event: str) -> None:
+        """Run the callbacks of ``event`` in the order they were added."""
+        for callback in self._callbacks.get(event, []):
+            callback(self)
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop at the next batch boundary (safe from a signal handler)."""
+        self._stop_requested = True
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether :meth:`request_stop` was called."""
+        return self._stop_requested
+
+
+class Trainer(EventSource):
     """Mini-batch training of a classifier with cross-entropy on logits.
 
     ``x_*``: float tensors ``(N, ...)``; ``y_*``: int64 tensors ``(N,)``.  ``epochs`` is the
@@ -169,30 +200,7 @@ class Trainer:
         self._epoch_start_rng = generator.get_state()
         self._sums = _fresh_sums()
         self.guarded = getattr(optimizer, "guard", None) is not None
-        self._callbacks: dict[str, list[Callback]] = defaultdict(list)
-        self._stop_requested = False
-
-    # ------------------------------------------------------------------ events
-
-    def add_callback(self, event: str, callback: Callback) -> None:
-        """Call ``callback(trainer)`` on ``event`` (one of :data:`EVENTS`)."""
-        if event not in EVENTS:
-            raise ValueError(f"event must be one of {', '.join(EVENTS)}, got {event!r}")
-        self._callbacks[event].append(callback)
-
-    def trigger(self, event: str) -> None:
-        """Run the callbacks of ``event`` in the order they were added."""
-        for callback in self._callbacks.get(event, []):
-            callback(self)
-
-    def request_stop(self) -> None:
-        """Ask the loop to stop at the next batch boundary (safe from a signal handler)."""
-        self._stop_requested = True
-
-    @property
-    def stop_requested(self) -> bool:
-        """Whether :meth:`request_stop` was called."""
-        return self._stop_requested
+        self._init_events()
 
     @property
     def finished(self) -> bool:
