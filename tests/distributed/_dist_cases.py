@@ -14,7 +14,8 @@ near zero into a different step (measured: up to 5e-4 relative after 4 steps, ov
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,32 @@ import adamkit.torch as at
 
 SCENARIOS = ("ddp", "zero", "fsdp2", "dcp-fsdp2", "dcp-ddp")
 
+# torch's ZeroRedundancyOptimizer.load_state_dict puts this rank's entries into the adamkit
+# optimizer as they are, then also runs torch.optim.Optimizer.load_state_dict on the wrapper,
+# which keeps in the wrapper's own ``.state`` a copy cast to the parameter's dtype: the uint8
+# codes become float32 (4 bytes per element, more than the whole int8 state).
+ZERO_LOAD_CASTS_CODES = (
+    "torch ZeroRedundancyOptimizer.load_state_dict keeps a float32 cast of this rank's int8 "
+    "codes in the wrapper's .state (unused by adamkit, but held): ~4x the compressed state"
+)
+FSDP2_STORED_STATE = (
+    "adamkit.torch: a state format (state='int8' etc.) refuses DTensor parameters with "
+    "NotImplementedError (formats.check_stored_params), so FSDP2 cannot use compressed state"
+)
+
 # Global batch per step; every world size used here divides it.
 BATCH = 8
 IN_FEATURES = 16
 OUT_FEATURES = 3
+HIDDEN = 32
+# Cases with a quantized state format use a wider model: int8 keeps float32 moments for tensors
+# under 4096 elements (adamkit.formats.MIN_QUANTIZED_SIZE), so at HIDDEN = 32 nothing would be
+# quantized.  At 64 the two 64 x 64 weights hold uint8 codes and block scales.
+QUANTIZED_HIDDEN = 64
+# torch.manual_seed under which every process builds the optimizer: stochastic rounding (bf16
+# state) draws from a generator seeded from torch.initial_seed(), which differs per process
+# unless the program seeds torch (see the "adam-bf16-unseeded" case).
+OPTIMIZER_TORCH_SEED = 20240613
 
 
 @dataclass(frozen=True)
@@ -52,13 +75,43 @@ class DistCase:
     optimizer: str  # "Adam" or "AdamW", a class of adamkit.torch
     kwargs: dict[str, Any] = field(default_factory=dict)
     xfail: dict[str, str] = field(default_factory=dict)
+    # Scenarios the case runs in (None: all of SCENARIOS); names outside SCENARIOS select
+    # dedicated tests (e.g. "ddp-replicas").
+    scenarios: tuple[str, ...] | None = None
+    hidden: int = HIDDEN
+    # Build the optimizer under torch.manual_seed(OPTIMIZER_TORCH_SEED) in every process.
+    seeded: bool = True
 
     @property
     def optimizer_class(self) -> type[torch.optim.Optimizer]:
         return getattr(at, self.optimizer)
 
+    @property
+    def flattens(self) -> bool:
+        """Whether DCP checkpoints of this case can use ``flatten_optimizer_state_dict=True``:
+        not with a state format, whose ``state_format`` string torch's flattening refuses."""
+        return self.kwargs.get("state") is None
+
+    def runs_in(self, scenario: str) -> bool:
+        return self.scenarios is None or scenario in self.scenarios
+
+    @contextmanager
+    def seeding(self) -> Iterator[None]:
+        """Where to build the optimizer (directly or through a wrapper such as ZeRO): the same
+        torch seed in every process when ``seeded``; the global RNG is restored after."""
+        if not self.seeded:
+            yield
+            return
+        with torch.random.fork_rng():
+            torch.manual_seed(OPTIMIZER_TORCH_SEED)
+            yield
+
     def make(self, params: Iterable[Any]) -> torch.optim.Optimizer:
-        return self.optimizer_class(params, **self.kwargs)
+        with self.seeding():
+            return self.optimizer_class(params, **self.kwargs)
+
+    def model(self, seed: int) -> nn.Module:
+        return make_model(seed, self.hidden)
 
 
 CASES: list[DistCase] = [
@@ -79,17 +132,59 @@ CASES: list[DistCase] = [
         "Adam",
         {"lr": 1e-2, "impl": "reference"},
     ),
+    # Stored state formats (adamkit.torch.formats).  FSDP2's parameters are DTensors, which the
+    # stored-state step does not take (adamkit.torch.formats.check_stored_params).
+    DistCase(
+        "adam-fp32-state",
+        "Adam",
+        {"lr": 1e-2, "state": "fp32"},
+        scenarios=("ddp", "dcp-ddp"),
+    ),
+    DistCase(
+        "adam-bf16-state",
+        "Adam",
+        {"lr": 1e-2, "state": "bf16"},
+        scenarios=("ddp",),
+        hidden=QUANTIZED_HIDDEN,
+    ),
+    DistCase(
+        "adamw-int8-state",
+        "AdamW",
+        {"lr": 1e-2, "weight_decay": 0.1, "state": "int8"},
+        xfail={
+            "fsdp2": FSDP2_STORED_STATE,
+            "dcp-fsdp2": FSDP2_STORED_STATE,
+            "zero-load-bytes": ZERO_LOAD_CASTS_CODES,
+        },
+        hidden=QUANTIZED_HIDDEN,
+    ),
+    # Like adam-bf16-state, but each process keeps torch's own (per-process random) seed.
+    DistCase(
+        "adam-bf16-unseeded",
+        "Adam",
+        {"lr": 1e-2, "state": "bf16"},
+        scenarios=("ddp-replicas",),
+        hidden=QUANTIZED_HIDDEN,
+        seeded=False,
+    ),
 ]
 CASE_BY_ID = {case.id: case for case in CASES}
 
 
+def case_ids(*scenarios: str) -> list[str]:
+    """Ids of the cases that run in any of ``scenarios`` (what a launch is given)."""
+    return [case.id for case in CASES if any(case.runs_in(s) for s in scenarios)]
+
+
 def case_params(scenario: str, engine_xfail: str | None = None) -> list[Any]:
-    """``pytest.param`` per case id for ``scenario``, with the table's expected failures
-    (``engine_xfail``: a reason that applies to every case)."""
+    """``pytest.param`` per case id that runs in ``scenario``, with the table's expected
+    failures (``engine_xfail``: a reason that applies to every case)."""
     import pytest  # here: the rank processes import this module too and need no pytest
 
     params = []
     for case in CASES:
+        if not case.runs_in(scenario):
+            continue
         reason = case.xfail.get(scenario, engine_xfail)
         marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
         params.append(pytest.param(case.id, id=case.id, marks=marks))
@@ -101,7 +196,7 @@ def fresh_seed() -> int:
     return secrets.randbits(31)
 
 
-def make_model(seed: int) -> nn.Module:
+def make_model(seed: int, hidden: int = HIDDEN) -> nn.Module:
     """The same small MLP for a given seed in every process (global RNG left untouched).
 
     Sizes are chosen so that ZeRO's greedy partition is roughly balanced on 2 ranks and that
@@ -110,13 +205,13 @@ def make_model(seed: int) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return nn.Sequential(
-            nn.Linear(IN_FEATURES, 32),
+            nn.Linear(IN_FEATURES, hidden),
             nn.Tanh(),
-            nn.Linear(32, 32),
+            nn.Linear(hidden, hidden),
             nn.Tanh(),
-            nn.Linear(32, 32),
+            nn.Linear(hidden, hidden),
             nn.Tanh(),
-            nn.Linear(32, OUT_FEATURES),
+            nn.Linear(hidden, OUT_FEATURES),
         )
 
 
@@ -156,8 +251,11 @@ def train(
         optimizer.step()
 
 
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor (gathered from all ranks for a DTensor), detached, on the CPU."""
+def full(tensor: Any) -> Any:
+    """The whole tensor (gathered from all ranks for a DTensor), detached, on the CPU; anything
+    that is not a tensor (a stored format's ``state_format`` string) as it is."""
+    if not isinstance(tensor, torch.Tensor):
+        return tensor
     if hasattr(tensor, "full_tensor"):
         tensor = tensor.full_tensor()
     return tensor.detach().cpu().clone()
@@ -184,7 +282,7 @@ def reference_run(
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The single-process run every distributed result is compared with (see the module
     docstring): ``steps`` steps, gradients accumulated over ``world_size`` slices per batch."""
-    model = make_model(seed)
+    model = case.model(seed)
     optimizer = case.make(model.named_parameters())
     train(model, optimizer, make_batches(seed, steps), micro=world_size)
     return model, optimizer
@@ -229,12 +327,15 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def assert_close_dicts(
-    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tol: float, what: str
-) -> None:
-    """Same keys, and every tensor within ``tol`` relative difference (see :func:`rel_diff`)."""
+def assert_close_dicts(got: dict[str, Any], want: dict[str, Any], tol: float, what: str) -> None:
+    """Same keys, every tensor within ``tol`` relative difference (see :func:`rel_diff`) and
+    every other value (a ``state_format`` string) equal.  Integer tensors (int8 codes) take
+    the same measure: a code off by one is far above any float tolerance used here."""
     assert got.keys() == want.keys(), f"{what}: keys {sorted(got)} != {sorted(want)}"
-    worst = {key: rel_diff(got[key], want[key]) for key in want}
+    plain = {k for k, v in want.items() if not isinstance(v, torch.Tensor)}
+    unequal = {k: (got[k], want[k]) for k in plain if got[k] != want[k]}
+    assert not unequal, f"{what}: values differ (got, want): {unequal}"
+    worst = {key: rel_diff(got[key], want[key]) for key in want if key not in plain}
     bad = {key: value for key, value in worst.items() if value > tol}
     assert not bad, f"{what}: relative differences above {tol:g}: {bad}"
 
@@ -251,6 +352,12 @@ def assert_state_matches(
         assert got[name].keys() == state.keys(), f"{what} {name}: keys {sorted(got[name])}"
         assert float(got[name]["step"]) == float(state["step"]), f"{what} {name}: step"
         moments = {k: v for k, v in state.items() if k != "step"}
+        dtypes = {
+            k: (got[name][k].dtype, v.dtype)
+            for k, v in moments.items()
+            if isinstance(v, torch.Tensor) and got[name][k].dtype != v.dtype
+        }
+        assert not dtypes, f"{what} {name}: dtypes differ (got, want): {dtypes}"
         assert_close_dicts(
             {k: got[name][k] for k in moments}, moments, tol, f"{what} state of {name}"
         )
@@ -282,12 +389,18 @@ def assert_replicas_equal(results: list[dict[str, Any]], key: str = "params") ->
         mine = _flat(result[key])
         assert mine.keys() == first.keys(), f"{key}: rank {rank} has {sorted(mine)}"
         for name, value in mine.items():
-            assert torch.equal(value, first[name]), f"{key} {name}: rank {rank} differs"
+            if isinstance(value, torch.Tensor):
+                same = isinstance(first[name], torch.Tensor) and torch.equal(value, first[name])
+            else:
+                same = value == first[name]
+            assert same, f"{key} {name}: rank {rank} differs"
 
 
-def assert_moved(seed: int, params: dict[str, torch.Tensor], tol: float) -> None:
+def assert_moved(
+    seed: int, params: dict[str, torch.Tensor], tol: float, hidden: int = HIDDEN
+) -> None:
     """Guard against a comparison that cannot fail: training moved every tensor far beyond
-    ``tol`` from its initial value."""
-    initial = param_snapshot(make_model(seed))
+    ``tol`` from its initial value (``hidden``: the model's width, see :class:`DistCase`)."""
+    initial = param_snapshot(make_model(seed, hidden))
     moved = min(rel_diff(params[name], value) for name, value in initial.items())
     assert moved > 100 * tol, f"seed {seed}: the run hardly moved the parameters ({moved:g})"

@@ -45,10 +45,10 @@ def _rank_batches(seed: int, steps: int, start: int = 0) -> list[Any]:
     return [rank_slice(batch, rank, world) for batch in make_batches(seed, steps, start)]
 
 
-def _fsdp2_model(seed: int) -> nn.Module:
+def _fsdp2_model(seed: int, hidden: int) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    model = make_model(seed)
+    model = make_model(seed, hidden)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
@@ -83,7 +83,7 @@ def run_ddp(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel
 
     seed, steps = args["seed"], args["steps"]
-    model = make_model(seed)
+    model = case.model(seed)
     ddp = DistributedDataParallel(model)
     optimizer = case.make(model.named_parameters())
     train(ddp, optimizer, _rank_batches(seed, steps))
@@ -101,11 +101,12 @@ def run_zero(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
     seed, steps, more = args["seed"], args["steps"], args["more_steps"]
 
     def zero(params: Any, **options: Any) -> ZeroRedundancyOptimizer:
-        return ZeroRedundancyOptimizer(
-            params, optimizer_class=case.optimizer_class, **options, **case.kwargs
-        )
+        with case.seeding():
+            return ZeroRedundancyOptimizer(
+                params, optimizer_class=case.optimizer_class, **options, **case.kwargs
+            )
 
-    model = make_model(seed)
+    model = case.model(seed)
     ddp = DistributedDataParallel(model)
     optimizer = zero(model.parameters())
     train(ddp, optimizer, _rank_batches(seed, steps))
@@ -123,7 +124,7 @@ def run_zero(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
         out["consolidated"] = copy.deepcopy(consolidated[0])
     # Resume: a new model and ZeroRedundancyOptimizer load the consolidated state on every rank.
     dist.broadcast_object_list(consolidated, src=0)
-    resumed = make_model(seed)
+    resumed = case.model(seed)
     resumed.load_state_dict(model.state_dict())
     resumed_ddp = DistributedDataParallel(resumed)
     resumed_optimizer = zero(resumed.parameters())
@@ -134,7 +135,7 @@ def run_zero(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
 
     # add_param_group mid-run: ZeRO repartitions and hands this rank's new share to the
     # local adamkit optimizer.
-    grown = make_model(seed)
+    grown = case.model(seed)
     grown_ddp = DistributedDataParallel(grown)
     layers = [m for m in grown if isinstance(m, nn.Linear)]
     grown_optimizer = zero([p for m in layers[:2] for p in m.parameters()])
@@ -146,7 +147,7 @@ def run_zero(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
     out["grown_params"] = param_snapshot(grown)
 
     # Parameters living as views into one flat buffer per rank and device.
-    bucketed = make_model(seed)
+    bucketed = case.model(seed)
     bucketed_ddp = DistributedDataParallel(bucketed)
     bucketed_optimizer = zero(bucketed.parameters(), parameters_as_bucket_view=True)
     train(bucketed_ddp, bucketed_optimizer, _rank_batches(seed, steps))
@@ -156,7 +157,7 @@ def run_zero(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
 
 def run_fsdp2(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
     seed, steps = args["seed"], args["steps"]
-    model = _fsdp2_model(seed)
+    model = _fsdp2_model(seed, case.hidden)
     optimizer = case.make(model.named_parameters())
     train(model, optimizer, _rank_batches(seed, steps))
     return {
@@ -173,11 +174,11 @@ def _dcp_setup(
 ) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
     """(module to train and checkpoint, the bare model, optimizer) for a DCP run."""
     if engine == "fsdp2":
-        model = _fsdp2_model(seed)
+        model = _fsdp2_model(seed, case.hidden)
         return model, model, case.make(model.named_parameters())
     from torch.nn.parallel import DistributedDataParallel
 
-    model = make_model(seed)
+    model = case.model(seed)
     ddp = DistributedDataParallel(model)
     # Named through the wrapper ("module.0.weight"), as a DDP training script would do.
     return ddp, model, case.make(ddp.named_parameters())
@@ -188,7 +189,7 @@ def run_dcp_save(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
     wrapped, model, optimizer = _dcp_setup(case, engine, seed)
     train(wrapped, optimizer, _rank_batches(seed, steps))
     path = Path(args["checkpoints"]) / engine / case.id
-    save_checkpoint(wrapped, optimizer, path, args["flatten"])
+    save_checkpoint(wrapped, optimizer, path, args["flatten"] and case.flattens)
     return {"params": param_snapshot(model)}
 
 
@@ -196,7 +197,8 @@ def run_dcp_resume(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
     seed, steps, more, engine = args["seed"], args["steps"], args["more_steps"], args["engine"]
     # Another seed: everything the run continues from must come out of the checkpoint.
     wrapped, model, optimizer = _dcp_setup(case, engine, seed + 12345)
-    load_checkpoint(wrapped, optimizer, Path(args["checkpoints"]) / case.id, args["flatten"])
+    flatten = args["flatten"] and case.flattens
+    load_checkpoint(wrapped, optimizer, Path(args["checkpoints"]) / case.id, flatten)
     out: dict[str, Any] = {
         "loaded_params": param_snapshot(model),
         "loaded_state": state_snapshot(model, optimizer),
@@ -269,6 +271,8 @@ def main(payload: dict[str, Any]) -> None:
             # Results by case id, or by "<engine>/<case id>" for scenarios run on several.
             for engine in args.get("engines", [None]):
                 for case_id in args["cases"]:
+                    if engine is not None and not CASE_BY_ID[case_id].runs_in(f"dcp-{engine}"):
+                        continue
                     key = case_id if engine is None else f"{engine}/{case_id}"
                     try:
                         results[key] = CASE_SCENARIOS[scenario](

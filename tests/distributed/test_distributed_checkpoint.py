@@ -8,7 +8,9 @@ from another seed (so everything must come from the checkpoint) and continue.  B
 where an uninterrupted single-process run ends (see _dist_cases for why that run accumulates
 over the two halves of each batch), and the state right after loading must equal the saved
 one.  The first direction saves the nested optimizer state dict, the second the flattened one
-(``flatten_optimizer_state_dict=True``).
+(``flatten_optimizer_state_dict=True``), except for stored state formats, whose string entry
+``state_format`` torch's flattening refuses (see test_dcp_flattened_stored_state): those save
+the nested one both ways.
 """
 
 from __future__ import annotations
@@ -16,16 +18,15 @@ from __future__ import annotations
 import pytest
 from _dist_cases import (
     CASE_BY_ID,
-    CASES,
     assert_close_dicts,
     assert_moved,
     assert_replicas_equal,
     assert_state_matches,
+    case_ids,
     case_params,
     fresh_seed,
     load_checkpoint,
     make_batches,
-    make_model,
     param_snapshot,
     rank_results,
     reference_run,
@@ -48,6 +49,12 @@ STEPS = 3
 MORE_STEPS = 2
 # See test_distributed_ddp.py: the measured difference is 0.
 TOL = 1e-6
+FLATTEN_STORED_STATE = (
+    "get_state_dict(flatten_optimizer_state_dict=True) accepts only tensor, int, float and dict "
+    "state values; a stored format's per-parameter 'state_format' is a str"
+)
+# Every case that runs on some engine (the worker skips a case on an engine it does not run on).
+CASE_IDS = case_ids(*(f"dcp-{engine}" for engine in ENGINES))
 
 
 def _engine_case_params() -> list[object]:
@@ -68,7 +75,7 @@ def two_to_one(tmp_path_factory):
         "steps": STEPS,
         "checkpoints": str(workdir / "checkpoints"),
         "flatten": False,
-        "cases": [case.id for case in CASES],
+        "cases": CASE_IDS,
         "engines": list(ENGINES),
     }
     ranks = run_ranks("dcp_save", WORLD_SIZE, workdir, args)
@@ -81,16 +88,17 @@ def one_to_two(tmp_path_factory):
     seed = fresh_seed()
     workdir = tmp_path_factory.mktemp("dcp1to2")
     checkpoints = workdir / "checkpoints"
-    for case in CASES:
-        model, optimizer = reference_run(case, seed, STEPS, WORLD_SIZE)
-        save_checkpoint(model, optimizer, checkpoints / case.id, flatten=True)
+    for case_id in CASE_IDS:
+        model, optimizer = reference_run(CASE_BY_ID[case_id], seed, STEPS, WORLD_SIZE)
+        flatten = CASE_BY_ID[case_id].flattens
+        save_checkpoint(model, optimizer, checkpoints / case_id, flatten=flatten)
     args = {
         "seed": seed,
         "steps": STEPS,
         "more_steps": MORE_STEPS,
         "checkpoints": str(checkpoints),
         "flatten": True,
-        "cases": [case.id for case in CASES],
+        "cases": CASE_IDS,
         "engines": list(ENGINES),
     }
     return seed, run_ranks("dcp_resume", WORLD_SIZE, workdir, args)
@@ -105,7 +113,7 @@ def test_dcp_two_ranks_to_one(two_to_one, engine, case_id):
     what = f"{engine} {case_id}, seed {seed}"
     assert_close_dicts(results[0]["params"], param_snapshot(saved_model), TOL, what)
 
-    model = make_model(seed + 12345)
+    model = case.model(seed + 12345)
     optimizer = case.make(model.named_parameters())
     load_checkpoint(model, optimizer, checkpoints / engine / case_id, flatten=False)
     assert_close_dicts(param_snapshot(model), param_snapshot(saved_model), TOL, f"{what}: loaded")
@@ -120,7 +128,7 @@ def test_dcp_two_ranks_to_one(two_to_one, engine, case_id):
     train(model, optimizer, make_batches(seed, MORE_STEPS, start=STEPS), micro=WORLD_SIZE)
     want_model, want_optimizer = reference_run(case, seed, STEPS + MORE_STEPS, WORLD_SIZE)
     want = param_snapshot(want_model)
-    assert_moved(seed, want, TOL)
+    assert_moved(seed, want, TOL, case.hidden)
     assert_close_dicts(param_snapshot(model), want, TOL, f"{what}: resumed")
     assert_state_matches(
         state_snapshot(model, optimizer),
@@ -152,8 +160,15 @@ def test_dcp_one_rank_to_two(one_to_two, engine, case_id):
     )
     want_model, want_optimizer = reference_run(case, seed, STEPS + MORE_STEPS, WORLD_SIZE)
     want = param_snapshot(want_model)
-    assert_moved(seed, want, TOL)
+    assert_moved(seed, want, TOL, case.hidden)
     assert_close_dicts(results[0]["params"], want, TOL, f"{what}: resumed")
     assert_state_matches(
         results[0]["state"], state_snapshot(want_model, want_optimizer), TOL, f"{what}: resumed"
     )
+
+
+@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=FLATTEN_STORED_STATE)
+def test_dcp_flattened_stored_state(tmp_path):
+    case = CASE_BY_ID["adamw-int8-state"]
+    model, optimizer = reference_run(case, fresh_seed(), 1, WORLD_SIZE)
+    save_checkpoint(model, optimizer, tmp_path / "flat", flatten=True)
