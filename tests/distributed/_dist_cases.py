@@ -55,9 +55,9 @@ HIDDEN = 32
 # under 4096 elements (adamkit.formats.MIN_QUANTIZED_SIZE), so at HIDDEN = 32 nothing would be
 # quantized.  At 64 the two 64 x 64 weights hold uint8 codes and block scales.
 QUANTIZED_HIDDEN = 64
-# torch.manual_seed under which every process builds the optimizer: stochastic rounding (bf16
-# state) draws from a generator seeded from torch.initial_seed(), which differs per process
-# unless the program seeds torch (see the "adam-bf16-unseeded" case).
+# torch.manual_seed under which every process builds the optimizer, so the single-process
+# reference rounds bf16 state with the same bits (under a process group the optimizer takes
+# rank 0's seed anyway: see the "adam-bf16-unseeded" case).
 OPTIMIZER_TORCH_SEED = 20240613
 
 

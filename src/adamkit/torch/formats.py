@@ -398,11 +398,40 @@ def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
 _BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
 
 
-def new_rng() -> np.random.Generator:
-    """The generator behind stochastic rounding of a new optimizer."""
+def new_rng(process_group: Any = False) -> np.random.Generator:
+    """The generator behind stochastic rounding of a new optimizer.
+
+    Seeded from ``torch.initial_seed()``.  With ``process_group`` ``None`` (the default group) or
+    a ``ProcessGroup``, and more than one rank in it, every rank takes the seed of the group's
+    first rank (one ``broadcast_object_list``, a collective: every rank must construct the
+    optimizer), so data-parallel replicas round identically even when the program never called
+    ``torch.manual_seed`` (torch gives each process a random initial seed).  ``False``: local.
+    """
     # Stochastic rounding follows torch.manual_seed without drawing from torch's generator (which
     # would shift the random numbers of the user's program).
-    return np.random.default_rng((torch.initial_seed(), 0x5EED))
+    seed = torch.initial_seed()
+    dist = sys.modules.get("torch.distributed")
+    if (
+        process_group is not False
+        and dist is not None
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size(process_group) > 1
+    ):
+        box = [seed]
+        src = 0 if process_group is None else dist.get_global_rank(process_group, 0)
+        dist.broadcast_object_list(box, src=src, group=process_group)
+        seed = int(box[0])
+    return np.random.default_rng((seed, 0x5EED))
+
+
+def uses_rng(groups: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether any group rounds stochastically (bf16-style state or ``param_rounding``)."""
+    return any(
+        group.get("param_rounding") == "stochastic"
+        or (group.get("state") is not None and get_format(group["state"]).needs_rng)
+        for group in groups
+    )
 
 
 def saved_rng(saved: Any, current: np.random.Generator) -> np.random.Generator:

@@ -180,6 +180,9 @@ class Adam(torch.optim.Optimizer):
         # passes all its keywords as group defaults); add_param_group drops matching copies.
         self._optimizer_wide = {"guard": guard, "process_group": process_group}
         super().__init__(params, defaults)
+        if tf.uses_rng(self.param_groups):
+            # Data-parallel replicas must draw the same rounding bits: agree on one seed.
+            self._format_rng = tf.new_rng(process_group)
         self._guard: TorchGuard | None = (
             None if config is None else TorchGuard(config, process_group)
         )
