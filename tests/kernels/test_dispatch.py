@@ -53,7 +53,11 @@ def spy_reference(monkeypatch):
 def without_numba(monkeypatch):
     """Make ``import numba`` fail, as on an installation without adamkit[fast]."""
     monkeypatch.setitem(sys.modules, "numba", None)
-    for name in ("adamkit.kernels.numba_cpu", "adamkit.kernels.streaming"):
+    for name in (
+        "adamkit.kernels.numba_cpu",
+        "adamkit.kernels.numba_tables",
+        "adamkit.kernels.streaming",
+    ):
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setattr(kernels, "_numba_module", kernels._NOT_LOADED)
 

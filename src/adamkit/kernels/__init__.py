@@ -8,7 +8,8 @@ Implementations (``impl=``):
 
 - ``"reference"``: the pure reference step, results written back into the given arrays.
 - ``"numba"``: :mod:`adamkit.kernels.numba_cpu`, one fused pass over memory per parameter
-  (needs numba: ``pip install adamkit[fast]``).  Every parameter must qualify (C-contiguous
+  (needs numba: ``pip install adamkit[fast]``), all parameters of a dtype in one call
+  (:mod:`adamkit.kernels.numba_tables`).  Every parameter must qualify (C-contiguous
   float32/float64 arrays of one shape and dtype), otherwise ``TypeError`` before any update.
 - ``"auto"`` (default): ``"numba"`` for each parameter that qualifies when numba is installed,
   ``"reference"`` for the rest.
@@ -61,7 +62,7 @@ def _load_numba() -> ModuleType | None:
     global _numba_module
     if _numba_module is _NOT_LOADED:
         try:
-            _numba_module = importlib.import_module("adamkit.kernels.numba_cpu")
+            _numba_module = importlib.import_module("adamkit.kernels.numba_tables")
         except ImportError:
             _numba_module = None
     return _numba_module  # type: ignore[return-value]
@@ -148,7 +149,7 @@ def adam_update_(
         _reference_update_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hp)
         return
     kernel = _load_numba()
-    kernel.adam_update_(  # type: ignore[union-attr]
+    kernel.adam_update_arrays_(  # type: ignore[union-attr]
         params,
         grads,
         exp_avgs,

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from adamkit.core.config import AdamHyperParams
 from adamkit.kernels import adam_update_, numba_available
+from adamkit.torch._addresses import Table, param_tables, update_tables_
 
 __all__ = ["IMPLS", "StepFn", "adam_reference_", "adam_torch_", "select_impl"]
 
@@ -237,6 +238,44 @@ def _numpy_view(tensor: Tensor, dtensor: type | None) -> np.ndarray:
     return tensor.detach().numpy()
 
 
+_HP_CACHE: dict[tuple[Any, ...], AdamHyperParams] = {}
+
+
+def hyper_params(
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+) -> AdamHyperParams:
+    """``AdamHyperParams`` of these settings (validated; ``ValueError``/``TypeError`` as its
+    constructor), from a small cache: the same settings recur every step, and construction
+    validates every field."""
+    values = (
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        bool(decoupled_weight_decay),
+        bool(amsgrad),
+        bool(maximize),
+    )
+    hp = _HP_CACHE.get(values)
+    if hp is None:
+        names = ("lr", "beta1", "beta2", "eps", "weight_decay", "decoupled_weight_decay")
+        hp = AdamHyperParams(
+            **dict(zip(names, values[:6], strict=True)), amsgrad=values[6], maximize=values[7]
+        )
+        if len(_HP_CACHE) >= 64:  # an lr schedule makes a new key every step
+            _HP_CACHE.clear()
+        _HP_CACHE[values] = hp
+    return hp
+
+
 def _adam_numpy_(
     kernel: str,
     params: Sequence[Tensor],
@@ -261,27 +300,33 @@ def _adam_numpy_(
     dtensor = _dtensor_type()
     moments = (exp_avgs, exp_avg_sqs, *((max_exp_avg_sqs,) if amsgrad else ()))
     _check_shards(params, grads, *moments, dtensor=dtensor)
-    # Views first: anything that raises does so before the step counts change.
-    views = [[_numpy_view(t, dtensor) for t in tensors] for tensors in (params, grads, *moments)]
-    hp = AdamHyperParams(
-        lr=float(lr),
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
+    hp = hyper_params(
+        float(lr), beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize
     )
+    rest: Sequence[int] = range(len(params))
+    tables: dict[torch.dtype, Table] = {}
+    if kernel != "reference" and dtensor is None:
+        maxes = moments[2] if amsgrad else [None] * len(params)
+        tables, rest = param_tables(
+            list(zip(params, grads, exp_avgs, exp_avg_sqs, maxes, state_steps, strict=True))
+        )
+    # Views first: anything that raises does so before the step counts change.
+    views = [
+        [_numpy_view(tensors[i], dtensor) for i in rest] for tensors in (params, grads, *moments)
+    ]
+    update_tables_(tables, hp)
+    if not rest:
+        return
+    counts = [state_steps[i] for i in rest]
     # One op and one read for all counts: per-tensor `.item()` calls dominate tiny tensors.
-    torch._foreach_add_(list(state_steps), 1.0)
-    steps = [int(n) for n in torch.stack(list(state_steps)).tolist()]
+    torch._foreach_add_(counts, 1.0)
+    steps = [int(n) for n in torch.stack(counts).tolist()]
     adam_update_(
         views[0],
         views[1],
         views[2],
         views[3],
-        views[4] if amsgrad else [None] * len(params),
+        views[4] if amsgrad else [None] * len(steps),
         steps,
         hp,
         impl=kernel,

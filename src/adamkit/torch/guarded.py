@@ -76,6 +76,7 @@ from torch import Tensor
 
 from adamkit.core.config import AdamHyperParams, to_real
 from adamkit.guard import Guard, GuardConfig, StepPlan, clipped_adam_update_, resolve_guard
+from adamkit.torch._addresses import split_blocks, sum_squares
 from adamkit.torch.distributed import reduce_device
 from adamkit.torch.functional import adam_torch_
 
@@ -113,12 +114,17 @@ def global_norm(tensors: Iterable[Tensor]) -> float:
     accumulate in float32, sparse tensors use their coalesced values), combined in float64, one
     ``.item()`` per device.  NaN if any element is NaN, ``inf`` if any is infinite or a tensor's
     sum of squares overflows its dtype (float32: a norm above about 1.8e19); 0.0 for no elements.
-    Each tensor's norm is accumulated in its own dtype (float32: relative error up to about 1e-3
-    for 1e7 elements), because float64 accumulation costs ten times as much on the CPU; that is
-    ample for detecting non-finite values and for z-scores of the norm.
+    Contiguous CPU float32/float64 tensors, when numba is installed, are summed by one kernel
+    call in float64 (:mod:`adamkit.kernels.numba_tables`: no per-tensor dispatch, which
+    dominated for thousands of small tensors); elsewhere each tensor's norm is accumulated in its
+    own dtype (float32: relative error up to about 1e-3 for 1e7 elements), because float64
+    accumulation costs ten times as much in torch on the CPU; that is ample for detecting
+    non-finite values and for z-scores of the norm.
     """
+    tables, rest = split_blocks(list(tensors))
+    fast = sum_squares(tables) if tables else 0.0
     buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for t in tensors:
+    for t in rest:
         if t.is_sparse:
             t = t.coalesce().values()
         buckets.setdefault((t.device, t.dtype), []).append(t.detach())
@@ -131,7 +137,7 @@ def global_norm(tensors: Iterable[Tensor]) -> float:
         # float64 where the device has it (MPS does not)
         acc = torch.float32 if device.type == "mps" else torch.float64
         squares.setdefault(device, []).append(torch.stack(norms).to(acc).square().sum())
-    total = 0.0
+    total = fast
     for parts in squares.values():
         total += torch.stack(parts).sum().item()
     return math.sqrt(total) if not math.isnan(total) else math.nan
@@ -483,13 +489,16 @@ class TorchGuard:
         apply: Callable[[StepPlan], Sequence[float]],
         *,
         loss: Any = None,
+        grad_norm: Callable[[], float] | None = None,
     ) -> bool:
         """One guarded step; returns whether the update was applied.
 
         ``params``: the parameters about to be updated (those with a gradient); their gradients
         give the global norm.  ``apply(plan)`` must apply the update as the plan says
         (``grad_scale``, ``lr_scale``, ``update_clip``) and return the per-tensor "rms" factors
-        (or an empty sequence).  ``loss``: the step's loss or ``None``.  Errors raised before
+        (or an empty sequence).  ``loss``: the step's loss or ``None``.  ``grad_norm``: a
+        function returning :func:`global_norm` of those gradients, for an owner that can compute
+        it faster (used without a process group only; called at most once).  Errors raised before
         ``apply`` (a bad loss) leave the guard, the optimizer and the parameters unchanged.  The
         one-time :class:`~adamkit.guard.GuardWarning` points at the caller's ``step()`` line.
         """
@@ -508,7 +517,8 @@ class TorchGuard:
         if collective:
             norm, step_loss = _collective_inputs(grads, loss, group, config)
         else:
-            norm, step_loss = (lambda: global_norm(grads)), _guard_loss(loss, config)
+            norm = grad_norm if grad_norm is not None else (lambda: global_norm(grads))
+            step_loss = _guard_loss(loss, config)
         plan = guard.plan_step(
             loss=step_loss,
             grad_norm=norm,

@@ -11,6 +11,7 @@ on NumPy views of its tensors (:mod:`adamkit.torch.formats` keeps the layout).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,14 +29,26 @@ from adamkit.kernels.stored import (
     update_through_,
 )
 from adamkit.torch import formats as tf
+from adamkit.torch._addresses import Table, grad_squares, param_tables, update_tables_
 from adamkit.torch._groups import (
     EXTRA_KEYS,
     TORCH_SWITCHES,
     check_group,
     effective_weight_decay,
 )
-from adamkit.torch.functional import StepFn, adam_torch_, select_impl
-from adamkit.torch.guarded import TorchGuard, adam_numpy_clipped_, check_process_group
+from adamkit.torch.functional import (
+    StepFn,
+    adam_numba_,
+    adam_torch_,
+    hyper_params,
+    select_impl,
+)
+from adamkit.torch.guarded import (
+    TorchGuard,
+    adam_numpy_clipped_,
+    check_process_group,
+    global_norm,
+)
 from adamkit.torch.state_dict import (
     ADAMKIT_GROUP_KEYS,
     OPTIMIZER_KEYS,
@@ -48,6 +61,26 @@ __all__ = ["Adam", "AdamW"]
 _SPARSE_MESSAGE = "Adam does not support sparse gradients, please consider SparseAdam instead"
 _WORK_DTYPES = (torch.float32, torch.float64)  # NumPy views the step can update in place
 _Plan = tuple[StepFn | None, list[Tensor], float]
+# A group's share for the address-table kernel: (tables, positions of the other parameters in
+# the plan's list, the parameters in the tables).
+_Prepared = tuple[dict[torch.dtype, Table], list[int], list[Tensor]]
+# Everything in a group that its checks read (see Adam._checked_settings).
+_SETTING_KEYS = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "amsgrad",
+    "maximize",
+    "decoupled_weight_decay",
+    "decay_mode",
+    "impl",
+    "state",
+    "param_rounding",
+    "initial_lr",
+    "construction_lr",
+    *TORCH_SWITCHES,
+)
 
 
 class Adam(torch.optim.Optimizer):
@@ -211,6 +244,7 @@ class Adam(torch.optim.Optimizer):
         state["_guard"] = self._guard
         state["last_step_applied"] = self.last_step_applied
         state["_format_rng"] = self._format_rng
+        state.pop("_checked", None)  # keyed by id(group): meaningless in a copy
         return state
 
     def state_nbytes(self) -> int:
@@ -378,20 +412,40 @@ class Adam(torch.optim.Optimizer):
         for commit in commits:
             commit()
 
-    def _plan(self, index: int, group: dict[str, Any]) -> _Plan:
-        # Checks only; raising here leaves everything untouched.  A group with a state format
-        # gets no step function: _update_stored runs it.
+    def _checked_settings(self, index: int, group: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        # (state options, effective weight decay) of a group whose settings pass the checks.
+        # Settings are re-checked only when they changed since the last step (a group's values
+        # are compared, not its identity: schedulers and users write into groups); an lr tensor
+        # is checked every time, since its value can change in place.
+        key = tuple(group.get(name) for name in _SETTING_KEYS)
+        checked = self.__dict__.setdefault("_checked", {})
+        cached = checked.get(id(group))
+        if cached is not None and cached[0] is group and not isinstance(group["lr"], Tensor):
+            try:
+                same = cached[1] == key
+            except Exception:  # values whose == raises or is elementwise: check again
+                same = False
+            if same:
+                return cached[2], cached[3]
         try:
             check_group(group)
             options = tf.check_state_options(group)
             weight_decay = effective_weight_decay(group)
         except (TypeError, ValueError) as error:
             raise type(error)(f"param group {index}: {error}") from None
+        checked[id(group)] = (group, key, options, weight_decay)
+        return options, weight_decay
+
+    def _plan(self, index: int, group: dict[str, Any]) -> _Plan:
+        # Checks only; raising here leaves everything untouched.  A group with a state format
+        # gets no step function: _update_stored runs it.
+        options, weight_decay = self._checked_settings(index, group)
         params = []
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError(_SPARSE_MESSAGE)
             params.append(p)
         if options["param_rounding"] == "stochastic":
@@ -482,32 +536,119 @@ class Adam(torch.optim.Optimizer):
         # The guard decides in Python on values read from tensors, which torch.compile cannot
         # trace without a graph break: a traced step is an unguarded one (documented above).
         if self._guard is None or torch.compiler.is_compiling():
-            self._update(plans, None)
+            self._update(plans, None, self._tables(plans))
             self.last_step_applied = True
             return result
         params = [p for _, group_params, _ in plans for p in group_params]
+        tables = self._tables(plans)
+
+        def grad_norm() -> float:
+            # The tables' gradients by one kernel call per dtype, the others as global_norm.
+            done = {id(p) for prepared in tables if prepared for p in prepared[2]}
+            others = [p.grad for p in params if id(p) not in done] if done else None
+            squares = sum(grad_squares(prepared[0]) for prepared in tables if prepared)
+            if others is None:
+                return global_norm(p.grad for p in params)
+            rest = global_norm(others) if others else 0.0
+            total = squares + rest * rest
+            return math.nan if math.isnan(total) else math.sqrt(total)
+
         self.last_step_applied = self._guard.run(
-            self, params, lambda plan: self._update(plans, plan), loss=loss
+            self,
+            params,
+            lambda plan: self._update(plans, plan, tables),
+            loss=loss,
+            grad_norm=grad_norm,
         )
         return result
 
-    def _update(self, plans: list[_Plan], plan: StepPlan | None) -> list[float]:
+    def _tables(self, plans: list[_Plan]) -> list[_Prepared | None]:
+        # Per group, the address tables of the parameters whose state exists and that the
+        # numba table kernel can take (plus those parameters, and the positions of the rest),
+        # built once per step and shared by the guard's gradient norm and the update.
+        prepared: list[_Prepared | None] = []
+        state = self.state
+        for group, (step_fn, params, _) in zip(self.param_groups, plans, strict=True):
+            if step_fn is not adam_numba_ or not params:
+                prepared.append(None)
+                continue
+            amsgrad = group["amsgrad"]
+            rows = []
+            ready = []
+            rest = []
+            for i, p in enumerate(params):
+                entry = state.get(p)
+                if (
+                    entry
+                    and "exp_avg" in entry
+                    and (not amsgrad or "max_exp_avg_sq" in entry)
+                    and tf.FORMAT_KEY not in entry
+                ):
+                    rows.append(
+                        (
+                            p,
+                            p.grad,
+                            entry["exp_avg"],
+                            entry["exp_avg_sq"],
+                            entry["max_exp_avg_sq"] if amsgrad else None,
+                            entry["step"],
+                        )
+                    )
+                    ready.append(i)
+                else:
+                    rest.append(i)
+            tables, rejected = param_tables(rows)
+            if not tables:
+                prepared.append(None)
+                continue
+            taken = [params[i] for j, i in enumerate(ready)]
+            if rejected:
+                dropped = set(rejected)
+                rest = sorted(rest + [ready[j] for j in rejected])
+                taken = [params[i] for j, i in enumerate(ready) if j not in dropped]
+            prepared.append((tables, rest, taken))
+        return prepared
+
+    def _update(
+        self, plans: list[_Plan], plan: StepPlan | None, tables: list[_Prepared | None]
+    ) -> list[float]:
         # The update of every group, as the guard's plan says (None: plain Adam).  Returns the
         # per-tensor factors of update_clip="rms".
         factors: list[float] = []
-        for group, (step_fn, params, weight_decay) in zip(self.param_groups, plans, strict=True):
+        plain = plan is None or (plan.grad_scale == 1.0 and plan.update_clip is None)
+        for group, (step_fn, params, weight_decay), prepared in zip(
+            self.param_groups, plans, tables, strict=True
+        ):
             if not params:
                 continue
             amsgrad = group["amsgrad"]
             beta1, beta2 = group["betas"]
-            grads = [p.grad for p in params]
             lr = group["lr"]
-            if plan is not None:
-                # Out of place and for this step only: p.grad and group["lr"] stay the caller's.
-                if plan.grad_scale != 1.0:
-                    grads = torch._foreach_mul(grads, plan.grad_scale)
-                if plan.lr_scale != 1.0:
-                    lr = lr * plan.lr_scale
+            if plan is not None and plan.lr_scale != 1.0:
+                lr = lr * plan.lr_scale  # for this step only: group["lr"] stays the caller's
+            if prepared is not None and plain and group["param_rounding"] == "nearest":
+                # The prepared tables hold the gradients' addresses: only an unscaled step
+                # without update clipping can use them as they are.
+                update_tables_(
+                    prepared[0],
+                    hyper_params(
+                        float(lr),
+                        beta1,
+                        beta2,
+                        group["eps"],
+                        weight_decay,
+                        group["decoupled_weight_decay"],
+                        amsgrad,
+                        group["maximize"],
+                    ),
+                )
+                params = [params[i] for i in prepared[1]]
+                if not params:
+                    continue
+            grads = [p.grad for p in params]
+            if plan is not None and plan.grad_scale != 1.0:
+                # Out of place and for this step only: p.grad stays the caller's.
+                grads = torch._foreach_mul(grads, plan.grad_scale)
             if step_fn is None:
                 factors.extend(self._update_stored(group, params, grads, lr, weight_decay, plan))
                 continue

@@ -1,0 +1,159 @@
+"""Raw-address views of CPU tensors for :mod:`adamkit.kernels.numba_tables`.
+
+A kernel call over an address table replaces one ``tensor.numpy()`` per tensor (0.6-3 us each)
+with one ``data_ptr()`` (0.06 us); these helpers are the only place that decides which tensors
+may be handed over that way: plain (not DTensor, not sparse) CPU tensors, C-contiguous, float32
+or float64, without a lazy negation bit.  Anything else goes to the caller's general path.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from adamkit.core.config import AdamHyperParams
+from adamkit.kernels import numba_available
+
+__all__ = [
+    "KERNEL_DTYPES",
+    "Table",
+    "grad_squares",
+    "numpy_dtype",
+    "param_tables",
+    "split_blocks",
+    "sum_squares",
+    "update_tables_",
+]
+
+KERNEL_DTYPES = (torch.float32, torch.float64)
+#: One dtype's share of a step: int64 address rows ``(n, 5)`` (param, grad, exp_avg,
+#: exp_avg_sq, max_exp_avg_sq; the last repeats exp_avg_sq without AMSGrad), sizes ``(n,)`` and
+#: the addresses of the float32 step counts ``(n,)``; see :mod:`adamkit.kernels.numba_tables`.
+Table = tuple[np.ndarray, np.ndarray, np.ndarray]
+_NUMPY = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype of a :data:`KERNEL_DTYPES` torch dtype."""
+    return _NUMPY[dtype]
+
+
+def _dtensor_type() -> type | None:
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def split_blocks(
+    tensors: Sequence[Tensor],
+) -> tuple[dict[torch.dtype, tuple[np.ndarray, np.ndarray]], list[Tensor]]:
+    """``({dtype: (addresses, sizes)}, rest)``: the tensors a table kernel can read, by dtype
+    (int64 arrays), and the others in order.  Empty tables when numba is not installed."""
+    if not numba_available():
+        return {}, list(tensors)
+    dtensor = _dtensor_type()
+    found: dict[torch.dtype, tuple[list[int], list[int]]] = {}
+    rest: list[Tensor] = []
+    for t in tensors:
+        dtype = t.dtype
+        if (
+            (dtype is torch.float32 or dtype is torch.float64)
+            and t.is_cpu
+            and t.layout is torch.strided
+            and t.is_contiguous()
+            and not t.is_neg()
+            and (dtensor is None or not isinstance(t, dtensor))
+        ):
+            addresses, sizes = found.setdefault(dtype, ([], []))
+            addresses.append(t.data_ptr())
+            sizes.append(t.numel())
+        else:
+            rest.append(t)
+    tables = {
+        dtype: (np.array(a, dtype=np.int64), np.array(n, dtype=np.int64))
+        for dtype, (a, n) in found.items()
+    }
+    return tables, rest
+
+
+def sum_squares(tables: dict[torch.dtype, tuple[np.ndarray, np.ndarray]]) -> float:
+    """Sum of squares (float64) of every block in ``tables`` (from :func:`split_blocks`)."""
+    from adamkit.kernels import numba_tables
+
+    total = 0.0
+    for dtype, (addresses, sizes) in tables.items():
+        total += numba_tables.sum_squares(addresses, sizes, _NUMPY[dtype])
+    return total
+
+
+def param_tables(
+    rows: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]],
+) -> tuple[dict[torch.dtype, Table], list[int]]:
+    """``({dtype: Table}, rejected)`` for rows ``(param, grad, exp_avg, exp_avg_sq,
+    max_exp_avg_sq or None, step)``: the rows the table kernel can update (plain C-contiguous CPU
+    tensors of one float dtype per row, a float32 CPU step count) and the positions of the
+    others.  Only cheap attribute reads: this runs for every parameter of every step."""
+    found: dict[torch.dtype, tuple[list[tuple[int, ...]], list[int], list[int]]] = {}
+    rejected: list[int] = []
+    f32, f64 = torch.float32, torch.float64
+    dtensor = _dtensor_type()
+    for i, (p, g, m, v, w, s) in enumerate(rows):
+        dtype = p.dtype
+        if w is None:
+            w = v
+        if (
+            (dtype is f32 or dtype is f64)
+            and p.is_cpu
+            and p.is_contiguous()
+            and g.dtype is dtype
+            and g.is_contiguous()
+            and not g.is_neg()
+            and m.dtype is dtype
+            and m.is_contiguous()
+            and v.dtype is dtype
+            and v.is_contiguous()
+            and w.dtype is dtype
+            and w.is_contiguous()
+            and s.dtype is f32
+            and s.is_cpu
+            and (dtensor is None or not isinstance(p, dtensor))
+        ):
+            entry = found.get(dtype)
+            if entry is None:
+                entry = found[dtype] = ([], [], [])
+            entry[0].append((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), w.data_ptr()))
+            entry[1].append(p.numel())
+            entry[2].append(s.data_ptr())
+        else:
+            rejected.append(i)
+    tables = {
+        dtype: (
+            np.array(addresses, dtype=np.int64),
+            np.array(sizes, dtype=np.int64),
+            np.array(steps, dtype=np.int64),
+        )
+        for dtype, (addresses, sizes, steps) in found.items()
+    }
+    return tables, rejected
+
+
+def grad_squares(tables: dict[torch.dtype, Table]) -> float:
+    """Sum of squares (float64) of the gradients in ``tables`` (from :func:`param_tables`)."""
+    from adamkit.kernels import numba_tables
+
+    total = 0.0
+    for dtype, (rows, sizes, _) in tables.items():
+        total += numba_tables.sum_squares(np.ascontiguousarray(rows[:, 1]), sizes, _NUMPY[dtype])
+    return total
+
+
+def update_tables_(tables: dict[torch.dtype, Table], hp: AdamHyperParams) -> None:
+    """One Adam step (step counts included) of every row in ``tables``."""
+    from adamkit.kernels import numba_tables
+
+    for dtype, (rows, sizes, steps) in tables.items():
+        counts = numba_tables.advance_steps(steps)
+        numba_tables.adam_update_table_(rows, sizes, counts, _NUMPY[dtype], hp)

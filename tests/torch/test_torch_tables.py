@@ -1,0 +1,161 @@
+"""adamkit.torch's address-table fast path (``impl="auto"``/``"numba"`` on CPU float tensors).
+
+Once a parameter's state exists, the optimizer updates it through raw addresses
+(:mod:`adamkit.torch._addresses`) instead of NumPy views.  Both paths run the same element code,
+so the results must be bit-identical to the view path (forced here by making the table builder
+reject everything), for mixed groups too: parameters the tables cannot take (non-contiguous,
+bfloat16, without gradient) go the other way in the same step.  The guard's gradient norm
+comes from the same tables: a NaN in any one tensor must still skip the step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from _torch_helpers import fresh_seed
+
+import adamkit.torch as at
+from adamkit.torch import _addresses, optim
+
+pytest.importorskip("numba", reason="the table path needs numba (adamkit[fast])")
+
+
+def _params(gen: torch.Generator) -> list[torch.nn.Parameter]:
+    shapes = [(3,), (17, 5), (2, 3, 4), (1,), (40_000,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    params.append(torch.nn.Parameter(torch.randn(6, 4, generator=gen).t()))  # non-contiguous
+    params.append(torch.nn.Parameter(torch.randn(8, generator=gen, dtype=torch.float64)))
+    params.append(torch.nn.Parameter(torch.randn(5, generator=gen)))  # never gets a gradient
+    return params
+
+
+def _set_grads(params, gen, step):
+    for i, p in enumerate(params[:-1]):
+        if (i + step) % 4 == 3:  # some parameters skip some steps
+            p.grad = None
+            continue
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+def _run(params, gen_seed, steps, reject, monkeypatch, **options):
+    gen = torch.Generator().manual_seed(gen_seed)
+    if reject:
+        monkeypatch.setattr(optim, "param_tables", lambda rows: ({}, list(range(len(rows)))))
+        monkeypatch.setattr(
+            at.functional, "param_tables", lambda rows: ({}, list(range(len(rows))))
+        )
+    opt = at.Adam(params, **options)
+    for step in range(steps):
+        _set_grads(params, gen, step)
+        opt.step()
+    monkeypatch.undo()
+    return opt
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"amsgrad": True, "weight_decay": 0.1},
+        {"maximize": True, "decoupled_weight_decay": True, "weight_decay": 0.05},
+        {"guard": False, "impl": "numba"},
+    ],
+    ids=["default", "amsgrad-l2", "maximize-adamw", "noguard-numba"],
+)
+def test_tables_match_the_view_path_bit_for_bit(monkeypatch, options):
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    params = _params(gen)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    calls = []
+    original = optim.update_tables_
+    monkeypatch.setattr(optim, "update_tables_", lambda *a: calls.append(1) or original(*a))
+    fast = _run(params, seed, 6, False, monkeypatch, **options)
+    assert len(calls) >= 5  # every step after the first went through the tables
+    slow = _run(twins, seed, 6, True, monkeypatch, **options)
+    for p, q in zip(params, twins, strict=True):
+        assert torch.equal(p, q), f"seed {seed}"
+    fast_state, slow_state = fast.state_dict()["state"], slow.state_dict()["state"]
+    for a, b in zip(fast_state.values(), slow_state.values(), strict=True):
+        for key in b:
+            assert torch.equal(a[key], b[key]), f"seed {seed}: {key}"
+
+
+@pytest.mark.filterwarnings("ignore::adamkit.guard.GuardWarning")
+def test_a_non_finite_gradient_in_one_tiny_tensor_skips_the_step():
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(4, generator=gen)) for _ in range(300)]
+    opt = at.Adam(params)
+    for bad_step in (2, 4):
+        for p in params:
+            p.grad = torch.randn(4, generator=gen)
+        opt.step()
+        for p in params:
+            p.grad = torch.randn(4, generator=gen)
+        params[157].grad[bad_step % 4] = math.nan if bad_step == 2 else -math.inf
+        before = copy.deepcopy(opt.state_dict())
+        values = [p.detach().clone() for p in params]
+        opt.step()
+        assert not opt.last_step_applied, f"seed {seed}"
+        assert all(torch.equal(p, v) for p, v in zip(params, values, strict=True))
+        after = opt.state_dict()["state"]
+        for index, entry in before["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(after[index][key], value), f"seed {seed}: {index} {key}"
+    assert opt.guard_diagnostics["n_skipped_nonfinite"] == 2
+
+
+def test_the_guard_norm_from_tables_is_the_gradient_norm():
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    params = _params(gen)
+    opt = at.Adam(params)
+    for step in range(3):
+        _set_grads(params, gen, step)
+        opt.step()
+        grads = [p.grad for p in params if p.grad is not None]
+        expected = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+        # float32 tensors outside the tables are summed in float32 by torch (rel ~1e-7).
+        assert opt.guard_diagnostics["grad_norm"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_replaced_state_is_picked_up():
+    # A parameter whose state is reset (opt.state[p] = {} or a new tensor) restarts from zero
+    # moments, as with torch.optim.Adam, rather than updating stale tensors.
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(33, generator=gen)) for _ in range(3)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours, theirs = at.Adam(params, guard=False), torch.optim.Adam(twins)
+    for step in range(5):
+        grads = [torch.randn(33, generator=gen) for _ in params]
+        for p, q, g in zip(params, twins, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        if step == 3:
+            for opt, ps in ((ours, params), (theirs, twins)):
+                opt.state[ps[0]] = {}
+                opt.state[ps[1]]["exp_avg"] = torch.zeros(33)
+        ours.step()
+        theirs.step()
+    for p, q in zip(params, twins, strict=True):
+        assert (p - q).abs().max().item() <= 1e-6 * q.abs().max().item(), f"seed {seed}"
+
+
+def test_tables_only_take_what_the_kernel_can_read():
+    t = torch.randn(4, 3)
+    step = torch.tensor(1.0)
+    good = (t, t.clone(), t.clone(), t.clone(), None, step)
+    rejected_rows = [
+        (t.t(), t.t().clone(), t.t().clone(), t.t().clone(), None, step),  # non-contiguous
+        (t.bfloat16(), t.bfloat16(), t.bfloat16(), t.bfloat16(), None, step),
+        (t, t.clone(), t.double(), t.clone(), None, step),  # moment of another dtype
+        (t, t.clone(), t.clone(), t.clone(), None, torch.tensor(1.0, dtype=torch.float64)),
+        (t, torch._neg_view(t), t.clone(), t.clone(), None, step),
+    ]
+    tables, rejected = _addresses.param_tables([good, *rejected_rows])
+    assert list(tables) == [torch.float32] and len(tables[torch.float32][0]) == 1
+    assert rejected == [1, 2, 3, 4, 5]
