@@ -155,12 +155,13 @@ def test_read_steps():
 
 
 @pytest.mark.parametrize("case", CASES[:3], ids=lambda c: c.id)
-def test_arrays_entry_point_matches_the_per_array_kernel(case):
+def test_arrays_entry_point_matches_the_per_array_kernel(case, monkeypatch):
     # adam_update_arrays_ (what adam_update_(impl="numba") runs): tables for the arrays that
     # qualify, the fallback for the rest (a non-contiguous one here), same bits as numba_cpu.
     rng = seeded_rng("tables-arrays", case.id)
     hp = case.hyperparams()
-    rows = _arrays(rng, np.float32, hp.amsgrad)
+    # Two arrays above the threading threshold: those go through one table call.
+    rows = _arrays(rng, np.float32, hp.amsgrad, [*SHAPES, (40_000,)])
     rows.append(
         [
             a if a is None else np.asfortranarray(a.reshape(6, 4))
@@ -174,7 +175,15 @@ def test_arrays_entry_point_matches_the_per_array_kernel(case):
         fell_back.append(args[0].shape)
         numba_cpu.adam_update_(*([a] for a in args[:6]), args[6], fallback=_reference_one)
 
+    tabled = []
+    original = numba_tables.adam_update_table_
+
+    def counting(table, *args):
+        tabled.append(len(table))
+        original(table, *args)
+
     steps = [int(s) for s in rng.integers(1, 9, len(rows))]
+    monkeypatch.setattr(numba_tables, "adam_update_table_", counting)
     numba_tables.adam_update_arrays_(
         *(list(c) for c in zip(*rows, strict=True)), steps, hp, fallback=fallback
     )
@@ -182,6 +191,7 @@ def test_arrays_entry_point_matches_the_per_array_kernel(case):
         *(list(c) for c in zip(*expected, strict=True)), steps, hp, fallback=_reference_one
     )
     assert fell_back == [(6, 4)]
+    assert tabled == [2]
     for a_row, b_row in zip(rows, expected, strict=True):
         for a, b in zip(a_row, b_row, strict=True):
             if b is not None:

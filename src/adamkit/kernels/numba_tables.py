@@ -252,10 +252,13 @@ def adam_update_arrays_(
     fallback: Callable[..., None] | None = None,
 ) -> None:
     """:func:`adamkit.kernels.numba_cpu.adam_update_` (same contract, same results) with one
-    kernel call per dtype for all qualifying arrays instead of one per array: a single parallel
-    region per step rather than one per large tensor, each of which costs a thread wake-up."""
+    kernel call per dtype for the large arrays instead of one per array: a single parallel
+    region per step rather than one per large tensor, each of which costs a thread wake-up.
+    Arrays below :data:`PARALLEL_MIN_SIZE` elements keep numba_cpu's serial call, which costs
+    less than reading a NumPy array's address (``ndarray.ctypes.data``, about a microsecond)."""
     rows = list(zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, strict=True))
-    if len(rows) < 2:
+    large = sum(1 for p in params if getattr(p, "size", 0) >= PARALLEL_MIN_SIZE)
+    if large < 2:
         numba_cpu.adam_update_(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hp, fallback=fallback
         )
@@ -263,6 +266,7 @@ def adam_update_arrays_(
     amsgrad = hp.amsgrad
     found: dict[np.dtype, tuple[list[tuple[int, ...]], list[int], list[int]]] = {}
     others = []
+    small = []
     for index, row in enumerate(rows):
         if (row[4] is not None) != amsgrad:
             raise ValueError(
@@ -279,6 +283,9 @@ def adam_update_arrays_(
                 )
             others.append(row)
             continue
+        if flat[0].size < PARALLEL_MIN_SIZE:
+            small.append(row)
+            continue
         entry = found.setdefault(flat[0].dtype, ([], [], []))
         last = flat[4] if amsgrad else flat[3]
         entry[0].append((*(a.ctypes.data for a in flat[:4]), last.ctypes.data))
@@ -286,6 +293,8 @@ def adam_update_arrays_(
         entry[2].append(row[5])
     for row in others:
         fallback(*row, hp)  # type: ignore[misc]
+    if small:
+        numba_cpu.adam_update_(*(list(column) for column in zip(*small, strict=True)), hp)
     for dtype, (addresses, sizes, counts) in found.items():
         adam_update_table_(
             np.array(addresses, dtype=np.int64),
