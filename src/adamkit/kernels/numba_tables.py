@@ -25,6 +25,7 @@ first (:mod:`adamkit.torch.functional`) call it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -36,8 +37,11 @@ from adamkit.kernels import numba_cpu
 from adamkit.kernels.numba_cpu import (
     PARALLEL_MIN_SIZE,
     _jit,
+    _max_nan,
+    _moments,
     _step_amsgrad_serial,
     _step_serial,
+    _unpack,
     coefficients,
 )
 
@@ -48,6 +52,7 @@ __all__ = [
     "adam_update_table_",
     "advance_steps",
     "read_steps",
+    "rms_lr_factors",
     "sum_squares",
 ]
 
@@ -159,6 +164,53 @@ def _squares_serial(addresses, sizes, chunks, witness):
     return parts.sum()
 
 
+@_jit()
+def _rms_sum(p, g, v, w, c, bc2, eps2, amsgrad):
+    # sum(g^2 / max(v_hat, eps^2)) over one chunk, g and v exactly as the step forms them
+    # (_moments), v_hat = max(v_max, v) / bc2 in float64, 0/0 elements counted as 0: the
+    # StableAdamW sum of adamkit.guard.update.rms_ratio.
+    k = _unpack(c)
+    gsign, wd, coupled = k[0], k[1], k[2]
+    total = 0.0
+    for j in range(p.size):
+        gj = g[j] * gsign
+        if coupled:
+            gj = gj + wd * p[j]
+        _, _, vj = _moments(p[j], g[j], v[j], v[j], k)
+        second = _max_nan(w[j], vj) if amsgrad else vj
+        g2 = np.float64(gj) * np.float64(gj)
+        if g2 != 0.0:
+            total += g2 / max(np.float64(second) / bc2, eps2)
+    return total
+
+
+@_jit()
+def _rms_chunk(table, sizes, rows, coefs, bc2s, eps2, chunk, amsgrad, witness):
+    i, start, stop = chunk[0], chunk[1], chunk[2]
+    n = sizes[i]
+    p = _view(table[i, PARAM], n, witness)[start:stop]
+    g = _view(table[i, GRAD], n, witness)[start:stop]
+    v = _view(table[i, EXP_AVG_SQ], n, witness)[start:stop]
+    w = _view(table[i, MAX_EXP_AVG_SQ], n, witness)[start:stop]
+    return _rms_sum(p, g, v, w, coefs[rows[i]], bc2s[rows[i]], eps2, amsgrad)
+
+
+@_jit(parallel=True)
+def _rms_parallel(table, sizes, rows, coefs, bc2s, eps2, chunks, amsgrad, witness):
+    parts = np.empty(chunks.shape[0], dtype=np.float64)
+    for c in prange(chunks.shape[0]):
+        parts[c] = _rms_chunk(table, sizes, rows, coefs, bc2s, eps2, chunks[c], amsgrad, witness)
+    return parts
+
+
+@_jit()
+def _rms_serial(table, sizes, rows, coefs, bc2s, eps2, chunks, amsgrad, witness):
+    parts = np.empty(chunks.shape[0], dtype=np.float64)
+    for c in range(chunks.shape[0]):
+        parts[c] = _rms_chunk(table, sizes, rows, coefs, bc2s, eps2, chunks[c], amsgrad, witness)
+    return parts
+
+
 _F32_STEP = np.empty(0, dtype=np.float32)
 
 
@@ -214,6 +266,7 @@ def adam_update_table_(
     steps: np.ndarray,
     dtype: np.dtype,
     hp: AdamHyperParams,
+    lr_factors: np.ndarray | None = None,
 ) -> None:
     """One Adam step of every tensor in ``table``.
 
@@ -221,23 +274,78 @@ def adam_update_table_(
     (the last column is ignored unless ``hp.amsgrad``); ``sizes``: int64 ``(n,)`` elements per
     tensor; ``steps``: int64 ``(n,)``, the 1-based number of the update each tensor receives
     (the caller advances its counters first, e.g. with :func:`advance_steps`).  ``dtype``:
-    float32 or float64, of every tensor.  Same results as
+    float32 or float64, of every tensor.  ``lr_factors``: a float per tensor multiplying
+    ``hp.lr`` for this step (update clipping).  Same results as
     :func:`adamkit.kernels.numba_cpu.adam_update_`; see the module docstring for what must hold.
     """
     if not len(sizes):
         return
     dtype = np.dtype(dtype)
-    first = steps[0]
-    if (steps == first).all():  # the usual case: one count for the whole group
-        rows = np.zeros(len(steps), dtype=np.int64)
-        coefs = coefficients(hp, int(first), dtype)[None, :]
+    if lr_factors is None:
+        rows, coefs, _ = _coefficient_rows(steps, hp, dtype)
     else:
-        unique, rows = np.unique(steps, return_inverse=True)
-        coefs = np.stack([coefficients(hp, int(t), dtype) for t in unique])
+        # One row per tensor: each has its own learning rate.
+        rows = np.arange(len(steps), dtype=np.int64)
+        coefs = np.stack(
+            [
+                coefficients(dataclasses.replace(hp, lr=hp.lr * float(f)), int(t), dtype)
+                for t, f in zip(steps, lr_factors, strict=True)
+            ]
+        )
     chunks = _chunks(sizes)
     witness = _witness(dtype)
     kernel = _update_parallel if int(sizes.sum()) >= PARALLEL_MIN_SIZE else _update_serial
-    kernel(table, sizes, rows.astype(np.int64, copy=False), coefs, chunks, hp.amsgrad, witness)
+    kernel(table, sizes, rows, coefs, chunks, hp.amsgrad, witness)
+
+
+def _coefficient_rows(
+    steps: np.ndarray, hp: AdamHyperParams, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # (row of each tensor, coefficient rows, the step count of each row): one row per distinct
+    # step count.
+    first = steps[0]
+    if (steps == first).all():  # the usual case: one count for the whole group
+        coefs = coefficients(hp, int(first), dtype)[None, :]
+        return np.zeros(len(steps), dtype=np.int64), coefs, np.array([first])
+    unique, rows = np.unique(steps, return_inverse=True)
+    coefs = np.stack([coefficients(hp, int(t), dtype) for t in unique])
+    return rows.astype(np.int64, copy=False), coefs, unique
+
+
+def rms_lr_factors(
+    table: np.ndarray,
+    sizes: np.ndarray,
+    steps: np.ndarray,
+    dtype: np.dtype,
+    hp: AdamHyperParams,
+    threshold: float,
+) -> np.ndarray:
+    """StableAdamW's learning-rate factor of each tensor for the coming step (float64, in [0, 1]).
+
+    ``1 / max(1, RMS / threshold)`` with ``RMS = sqrt(mean(g^2 / max(v_hat, eps^2)))`` over the
+    tensor, ``g`` the gradient that enters the second moment (sign of ``maximize`` and coupled
+    decay applied) and ``v_hat`` the bias-corrected second moment after this step (the running
+    max with AMSGrad), exactly as :func:`adamkit.guard.update.stable_adamw_scale`.  Reads the
+    tensors of ``table`` (as :func:`adam_update_table_`, before it runs), writes nothing.  An
+    empty tensor gets 1.0.
+    """
+    n = len(sizes)
+    if not n:
+        return np.ones(0)
+    dtype = np.dtype(dtype)
+    rows, coefs, counts = _coefficient_rows(steps, hp, dtype)
+    # As adamkit.guard.reference: 1 - beta2**t in double precision.
+    bc2s = np.array([1.0 - hp.beta2 ** int(t) if hp.bias_correction else 1.0 for t in counts])
+    chunks = _chunks(sizes)
+    witness = _witness(dtype)
+    kernel = _rms_parallel if int(sizes.sum()) >= PARALLEL_MIN_SIZE else _rms_serial
+    parts = kernel(table, sizes, rows, coefs, bc2s, float(hp.eps) ** 2, chunks, hp.amsgrad, witness)
+    sums = np.zeros(n)
+    np.add.at(sums, chunks[:, 0], parts)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rms = np.sqrt(sums / np.maximum(sizes, 1)) / float(threshold)
+        factors = np.where(rms > 1.0, 1.0 / rms, 1.0)
+    return np.where(np.isnan(rms), 1.0, factors)
 
 
 def adam_update_arrays_(

@@ -24,6 +24,7 @@ __all__ = [
     "grad_squares",
     "numpy_dtype",
     "param_tables",
+    "rms_update_table_",
     "split_blocks",
     "sum_squares",
     "update_tables_",
@@ -157,3 +158,19 @@ def update_tables_(tables: dict[torch.dtype, Table], hp: AdamHyperParams) -> Non
     for dtype, (rows, sizes, steps) in tables.items():
         counts = numba_tables.advance_steps(steps)
         numba_tables.adam_update_table_(rows, sizes, counts, _NUMPY[dtype], hp)
+
+
+def rms_update_table_(
+    table: Table, dtype: torch.dtype, hp: AdamHyperParams, threshold: float
+) -> list[float]:
+    """Step counts, then StableAdamW's per-tensor lr factors
+    (:func:`adamkit.kernels.numba_tables.rms_lr_factors`), then the step with each tensor's
+    clipped lr; returns the factors in the table's order."""
+    from adamkit.kernels import numba_tables
+
+    rows, sizes, steps = table
+    counts = numba_tables.advance_steps(steps)
+    np_dtype = _NUMPY[dtype]
+    factors = numba_tables.rms_lr_factors(rows, sizes, counts, np_dtype, hp, threshold)
+    numba_tables.adam_update_table_(rows, sizes, counts, np_dtype, hp, lr_factors=factors)
+    return factors.tolist()

@@ -76,7 +76,14 @@ from torch import Tensor
 
 from adamkit.core.config import AdamHyperParams, to_real
 from adamkit.guard import Guard, GuardConfig, StepPlan, clipped_adam_update_, resolve_guard
-from adamkit.torch._addresses import split_blocks, sum_squares
+from adamkit.kernels import numba_available
+from adamkit.torch._addresses import (
+    Table,
+    param_tables,
+    rms_update_table_,
+    split_blocks,
+    sum_squares,
+)
 from adamkit.torch.distributed import reduce_device
 from adamkit.torch.functional import adam_torch_
 
@@ -643,7 +650,10 @@ def adam_numpy_clipped_(
 ) -> list[float]:
     """The guard's clipped Adam step (:func:`adamkit.guard.clipped_adam_update_`, the NumPy
     reference) on zero-copy NumPy views: what the NumPy-backed implementations (``impl=
-    "reference"``, the numba kernel) run when update clipping is on.
+    "reference"``, the numba kernel) run when update clipping is on.  With numba installed,
+    ``"rms"`` runs on the tensors the table kernel takes as one read-only pass for the factors
+    plus the fused step (:func:`adamkit.kernels.numba_tables.rms_lr_factors`), within float
+    rounding of the reference (tested); everything else runs the reference.
 
     Same arguments as :func:`adamkit.torch.functional.adam_torch_`; CPU float32/float64 tensors
     only.  Returns the per-tensor "rms" factors (empty list otherwise).  DTensor parameters
@@ -684,11 +694,41 @@ def adam_numpy_clipped_(
         amsgrad=amsgrad,
         maximize=maximize,
     )
+    rows = list(
+        zip(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs if amsgrad else [None] * len(params),
+            state_steps,
+            strict=True,
+        )
+    )
+    tables: dict[torch.dtype, Table] = {}
+    rest = list(range(len(rows)))
+    if update_clip == "rms" and numba_available():
+        # The numba path: one read-only pass for the factors, then the fused step with each
+        # tensor's clipped lr (the reference below re-runs the whole NumPy step instead).
+        tables, rest = param_tables(rows)
+    factors: dict[int, float] = {}
+    if tables:
+        left = set(rest)
+        done = [i for i in range(len(rows)) if i not in left]
+        for dtype, table in tables.items():
+            positions = [i for i in done if rows[i][0].dtype is dtype]  # param_tables' order
+            scales = rms_update_table_(table, dtype, hp, rms_threshold)
+            factors.update(zip(positions, scales, strict=True))
+        if not rest:
+            return [factors[i] for i in range(len(rows))]
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = (
+        [rows[i][k] for i in rest] for k in range(6)
+    )
     steps = []
     for step_t in state_steps:
         step_t += 1
         steps.append(int(step_t.item()))
-    return clipped_adam_update_(
+    reference = clipped_adam_update_(
         [_view(p) for p in params],
         [_view(g) for g in grads],
         [_view(m) for m in exp_avgs],
@@ -701,6 +741,10 @@ def adam_numpy_clipped_(
         atan2_a=atan2_a,
         atan2_b=atan2_b,
     )
+    if not factors:
+        return reference
+    factors.update(zip(rest, reference, strict=True))
+    return [factors[i] for i in range(len(rows))]
 
 
 def _wrapper_config(guard: Any) -> GuardConfig | None:
