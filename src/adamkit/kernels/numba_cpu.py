@@ -41,6 +41,7 @@ first run ever pays the JIT.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from numba import njit, prange, types
@@ -306,22 +307,12 @@ def adam_update_(
     modified) when ``max_exp_avg_sqs[i]`` is not given exactly when ``hp.amsgrad``.
     """
     amsgrad = hp.amsgrad
-    rows = list(zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, strict=True))
-    for index, row in enumerate(rows):
-        if (row[4] is not None) != amsgrad:
-            raise ValueError(
-                f"max_exp_avg_sqs[{index}] must be an array exactly when amsgrad=True "
-                f"(amsgrad={amsgrad})"
-            )
+    rows = check_rows(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad)
     views: list[tuple[np.ndarray, ...] | None] = [_flat_views(*row[:5]) for row in rows]
     if fallback is None:
         for index, (row, flat) in enumerate(zip(rows, views, strict=True)):
             if flat is None:
-                raise TypeError(
-                    "impl='numba' needs C-contiguous float32/float64 arrays of the parameter's "
-                    f"shape and dtype; parameter {index} does not qualify "
-                    f"({', '.join(_describe(a) for a in row[:5] if a is not None)})"
-                )
+                raise not_qualifying(index, row)
     cache: dict[tuple[np.dtype, int], np.ndarray] = {}
     serial = _step_amsgrad_serial if amsgrad else _step_serial
     parallel = _step_amsgrad_parallel if amsgrad else _step_parallel
@@ -338,6 +329,36 @@ def adam_update_(
         if c is None:
             c = cache[key] = coefficients(hp, row[5], p.dtype)
         (parallel if size >= PARALLEL_MIN_SIZE else serial)(*flat, c)
+
+
+def check_rows(
+    params: Sequence[np.ndarray],
+    grads: Sequence[np.ndarray],
+    exp_avgs: Sequence[np.ndarray],
+    exp_avg_sqs: Sequence[np.ndarray],
+    max_exp_avg_sqs: Sequence[np.ndarray | None],
+    steps: Sequence[int],
+    amsgrad: bool,
+) -> list[tuple[Any, ...]]:
+    """The arguments of :func:`adam_update_` as one row per parameter; ``ValueError`` when
+    ``max_exp_avg_sqs[i]`` is not given exactly when ``amsgrad``."""
+    rows = list(zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, strict=True))
+    for index, row in enumerate(rows):
+        if (row[4] is not None) != amsgrad:
+            raise ValueError(
+                f"max_exp_avg_sqs[{index}] must be an array exactly when amsgrad=True "
+                f"(amsgrad={amsgrad})"
+            )
+    return rows
+
+
+def not_qualifying(index: int, row: Sequence[Any]) -> TypeError:
+    """The error for parameter ``index`` whose arrays (``row[:5]``) the kernel cannot take."""
+    return TypeError(
+        "impl='numba' needs C-contiguous float32/float64 arrays of the parameter's shape and "
+        f"dtype; parameter {index} does not qualify "
+        f"({', '.join(_describe(a) for a in row[:5] if a is not None)})"
+    )
 
 
 def _describe(a: object) -> str:

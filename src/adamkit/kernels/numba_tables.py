@@ -26,6 +26,7 @@ first (:mod:`adamkit.torch.functional`) call it.
 from __future__ import annotations
 
 import dataclasses
+import types as pytypes
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -119,16 +120,23 @@ def _update_chunk(table, sizes, rows, coefs, chunk, amsgrad, witness):
         _step_serial(p, g, m, v, c)
 
 
-@_jit(parallel=True)
-def _update_parallel(table, sizes, rows, coefs, chunks, amsgrad, witness):
+def _twins(fn):
+    """``(serial, parallel)`` compilations of ``fn``, whose loop is a ``prange`` (a plain
+    ``range`` in the serial one).  The parallel one compiles a renamed copy, so that the two
+    keep separate entries in numba's on-disk cache."""
+    twin = pytypes.FunctionType(
+        fn.__code__, fn.__globals__, fn.__name__ + "_parallel", fn.__defaults__, fn.__closure__
+    )
+    twin.__qualname__ = fn.__qualname__ + "_parallel"
+    return _jit()(fn), _jit(parallel=True)(twin)
+
+
+def _update_all(table, sizes, rows, coefs, chunks, amsgrad, witness):
     for c in prange(chunks.shape[0]):
         _update_chunk(table, sizes, rows, coefs, chunks[c], amsgrad, witness)
 
 
-@_jit()
-def _update_serial(table, sizes, rows, coefs, chunks, amsgrad, witness):
-    for c in range(chunks.shape[0]):
-        _update_chunk(table, sizes, rows, coefs, chunks[c], amsgrad, witness)
+_update_serial, _update_parallel = _twins(_update_all)
 
 
 @_jit(fastmath={"reassoc"})
@@ -148,20 +156,14 @@ def _chunk_squares(addresses, sizes, chunk, witness):
     return _sum_of_squares(_view(addresses[i], sizes[i], witness)[chunk[1] : chunk[2]])
 
 
-@_jit(parallel=True)
-def _squares_parallel(addresses, sizes, chunks, witness):
+def _squares_all(addresses, sizes, chunks, witness):
     parts = np.empty(chunks.shape[0], dtype=np.float64)
     for c in prange(chunks.shape[0]):
         parts[c] = _chunk_squares(addresses, sizes, chunks[c], witness)
     return parts.sum()
 
 
-@_jit()
-def _squares_serial(addresses, sizes, chunks, witness):
-    parts = np.empty(chunks.shape[0], dtype=np.float64)
-    for c in range(chunks.shape[0]):
-        parts[c] = _chunk_squares(addresses, sizes, chunks[c], witness)
-    return parts.sum()
+_squares_serial, _squares_parallel = _twins(_squares_all)
 
 
 @_jit()
@@ -195,20 +197,14 @@ def _rms_chunk(table, sizes, rows, coefs, bc2s, eps2, chunk, amsgrad, witness):
     return _rms_sum(p, g, v, w, coefs[rows[i]], bc2s[rows[i]], eps2, amsgrad)
 
 
-@_jit(parallel=True)
-def _rms_parallel(table, sizes, rows, coefs, bc2s, eps2, chunks, amsgrad, witness):
+def _rms_all(table, sizes, rows, coefs, bc2s, eps2, chunks, amsgrad, witness):
     parts = np.empty(chunks.shape[0], dtype=np.float64)
     for c in prange(chunks.shape[0]):
         parts[c] = _rms_chunk(table, sizes, rows, coefs, bc2s, eps2, chunks[c], amsgrad, witness)
     return parts
 
 
-@_jit()
-def _rms_serial(table, sizes, rows, coefs, bc2s, eps2, chunks, amsgrad, witness):
-    parts = np.empty(chunks.shape[0], dtype=np.float64)
-    for c in range(chunks.shape[0]):
-        parts[c] = _rms_chunk(table, sizes, rows, coefs, bc2s, eps2, chunks[c], amsgrad, witness)
-    return parts
+_rms_serial, _rms_parallel = _twins(_rms_all)
 
 
 _F32_STEP = np.empty(0, dtype=np.float32)
@@ -364,31 +360,24 @@ def adam_update_arrays_(
     region per step rather than one per large tensor, each of which costs a thread wake-up.
     Arrays below :data:`PARALLEL_MIN_SIZE` elements keep numba_cpu's serial call, which costs
     less than reading a NumPy array's address (``ndarray.ctypes.data``, about a microsecond)."""
-    rows = list(zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, strict=True))
+    amsgrad = hp.amsgrad
+    rows = numba_cpu.check_rows(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad
+    )
     large = sum(1 for p in params if getattr(p, "size", 0) >= PARALLEL_MIN_SIZE)
     if large < 2:
         numba_cpu.adam_update_(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hp, fallback=fallback
         )
         return
-    amsgrad = hp.amsgrad
     found: dict[np.dtype, tuple[list[tuple[int, ...]], list[int], list[int]]] = {}
     others = []
     small = []
     for index, row in enumerate(rows):
-        if (row[4] is not None) != amsgrad:
-            raise ValueError(
-                f"max_exp_avg_sqs[{index}] must be an array exactly when amsgrad=True "
-                f"(amsgrad={amsgrad})"
-            )
         flat = numba_cpu._flat_views(*row[:5])
         if flat is None:
             if fallback is None:
-                raise TypeError(
-                    "impl='numba' needs C-contiguous float32/float64 arrays of the parameter's "
-                    f"shape and dtype; parameter {index} does not qualify "
-                    f"({', '.join(numba_cpu._describe(a) for a in row[:5] if a is not None)})"
-                )
+                raise numba_cpu.not_qualifying(index, row)
             others.append(row)
             continue
         if flat[0].size < PARALLEL_MIN_SIZE:

@@ -74,7 +74,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adamkit.core.config import AdamHyperParams, to_real
+from adamkit.core.config import to_real
 from adamkit.guard import Guard, GuardConfig, StepPlan, clipped_adam_update_, resolve_guard
 from adamkit.kernels import numba_available
 from adamkit.torch._addresses import (
@@ -85,7 +85,7 @@ from adamkit.torch._addresses import (
     sum_squares,
 )
 from adamkit.torch.distributed import reduce_device
-from adamkit.torch.functional import adam_torch_
+from adamkit.torch.functional import adam_torch_, hyper_params
 
 __all__ = [
     "GuardedOptimizer",
@@ -684,15 +684,8 @@ def adam_numpy_clipped_(
             atan2_a=atan2_a,
             atan2_b=atan2_b,
         )
-    hp = AdamHyperParams(
-        lr=float(lr),
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
+    hp = hyper_params(
+        float(lr), beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize
     )
     rows = list(
         zip(
