@@ -72,7 +72,9 @@ def test_tables_match_the_view_path_bit_for_bit(monkeypatch, options):
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     calls = []
     original = optim.update_tables_
-    monkeypatch.setattr(optim, "update_tables_", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(
+        optim, "update_tables_", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
     fast = _run(params, seed, 6, False, monkeypatch, **options)
     assert len(calls) >= 5  # every step after the first went through the tables
     slow = _run(twins, seed, 6, True, monkeypatch, **options)
@@ -209,3 +211,34 @@ def test_rms_clipping_on_tables_matches_the_reference(monkeypatch, dtype, option
         for key in ("exp_avg", "exp_avg_sq"):
             diff = (a[key] - b[key]).abs().max().item() / b[key].abs().max().item()
             assert diff <= tol, f"seed {seed}: {key} {diff}"
+
+
+@pytest.mark.parametrize(
+    "guard",
+    [{"track_update_norm": True}, {"track_update_norm": True, "update_clip": "rms"}],
+    ids=["plain", "rms"],
+)
+def test_update_norms_measured_by_the_kernel_match_a_copy(guard):
+    # With the tables the kernel sums the change while writing it (no copy of the model); the
+    # parameters it does not take (non-contiguous, float64) are measured by a copy.  Expected
+    # values from copies taken here; float64 sums on both sides (rel 1e-6: torch's float32
+    # norms of the other tensors).
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    params = _params(gen)
+    opt = at.Adam(params, lr=1e-2, guard=guard)
+    for step in range(4):
+        _set_grads(params, gen, step)
+        if step == 3:
+            for p in params:
+                if p.grad is not None:
+                    p.grad *= 50.0  # something for the rms rule to clip
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        moved = [(p.detach().double() - b.double()) for p, b in zip(params, before, strict=True)]
+        expected_change = math.sqrt(sum(float(d.square().sum()) for d in moved))
+        touched = [b for p, b in zip(params, before, strict=True) if p.grad is not None]
+        expected_norm = math.sqrt(sum(float(b.double().square().sum()) for b in touched))
+        diag = opt.guard_diagnostics
+        assert diag["update_norm"] == pytest.approx(expected_change, rel=1e-6), f"seed {seed}"
+        assert diag["param_norm"] == pytest.approx(expected_norm, rel=1e-6), f"seed {seed}"

@@ -120,6 +120,30 @@ def _update_chunk(table, sizes, rows, coefs, chunk, amsgrad, witness):
         _step_serial(p, g, m, v, c)
 
 
+@_jit(fastmath={"reassoc"})
+def _change_squares(new, old):
+    # (sum (new - old)^2, sum old^2) in float64; reassociation only here, where it lets the
+    # sums vectorise, never in the step itself.
+    d2 = 0.0
+    p2 = 0.0
+    for j in range(new.size):
+        a = np.float64(old[j])
+        d = np.float64(new[j]) - a
+        d2 += d * d
+        p2 += a * a
+    return d2, p2
+
+
+@_jit()
+def _update_chunk_measured(table, sizes, rows, coefs, chunk, amsgrad, witness):
+    # The chunk's step, and how far it moved the parameters: the old values are kept in a
+    # chunk-sized copy (at most CHUNK elements, cache-resident) instead of a copy of the model.
+    i, start, stop = chunk[0], chunk[1], chunk[2]
+    old = _view(table[i, PARAM], sizes[i], witness)[start:stop].copy()
+    _update_chunk(table, sizes, rows, coefs, chunk, amsgrad, witness)
+    return _change_squares(_view(table[i, PARAM], sizes[i], witness)[start:stop], old)
+
+
 def _twins(fn):
     """``(serial, parallel)`` compilations of ``fn``, whose loop is a ``prange`` (a plain
     ``range`` in the serial one).  The parallel one compiles a renamed copy, so that the two
@@ -137,6 +161,18 @@ def _update_all(table, sizes, rows, coefs, chunks, amsgrad, witness):
 
 
 _update_serial, _update_parallel = _twins(_update_all)
+
+
+def _update_all_measured(table, sizes, rows, coefs, chunks, amsgrad, witness):
+    parts = np.empty((chunks.shape[0], 2), dtype=np.float64)
+    for c in prange(chunks.shape[0]):
+        d2, p2 = _update_chunk_measured(table, sizes, rows, coefs, chunks[c], amsgrad, witness)
+        parts[c, 0] = d2
+        parts[c, 1] = p2
+    return parts.sum(axis=0)
+
+
+_measured_serial, _measured_parallel = _twins(_update_all_measured)
 
 
 @_jit(fastmath={"reassoc"})
@@ -263,7 +299,8 @@ def adam_update_table_(
     dtype: np.dtype,
     hp: AdamHyperParams,
     lr_factors: np.ndarray | None = None,
-) -> None:
+    measure: bool = False,
+) -> tuple[float, float] | None:
     """One Adam step of every tensor in ``table``.
 
     ``table``: int64 ``(n, 5)`` addresses of param, grad, exp_avg, exp_avg_sq and max_exp_avg_sq
@@ -271,11 +308,14 @@ def adam_update_table_(
     tensor; ``steps``: int64 ``(n,)``, the 1-based number of the update each tensor receives
     (the caller advances its counters first, e.g. with :func:`advance_steps`).  ``dtype``:
     float32 or float64, of every tensor.  ``lr_factors``: a float per tensor multiplying
-    ``hp.lr`` for this step (update clipping).  Same results as
+    ``hp.lr`` for this step (update clipping).  ``measure``: return ``(sum of squared
+    parameter changes, sum of squared old parameter values)`` (float64) over all tensors, for
+    the guard's update-norm diagnostic, at the cost of a cache-resident copy per chunk rather
+    than a copy of the parameters; else ``None``.  Same results as
     :func:`adamkit.kernels.numba_cpu.adam_update_`; see the module docstring for what must hold.
     """
     if not len(sizes):
-        return
+        return (0.0, 0.0) if measure else None
     dtype = np.dtype(dtype)
     if lr_factors is None:
         rows, coefs, _ = _coefficient_rows(steps, hp, dtype)
@@ -290,8 +330,14 @@ def adam_update_table_(
         )
     chunks = _chunks(sizes)
     witness = _witness(dtype)
-    kernel = _update_parallel if int(sizes.sum()) >= PARALLEL_MIN_SIZE else _update_serial
+    parallel = int(sizes.sum()) >= PARALLEL_MIN_SIZE
+    if measure:
+        kernel = _measured_parallel if parallel else _measured_serial
+        d2, p2 = kernel(table, sizes, rows, coefs, chunks, hp.amsgrad, witness)
+        return float(d2), float(p2)
+    kernel = _update_parallel if parallel else _update_serial
     kernel(table, sizes, rows, coefs, chunks, hp.amsgrad, witness)
+    return None
 
 
 def _coefficient_rows(

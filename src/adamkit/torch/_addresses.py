@@ -25,6 +25,7 @@ __all__ = [
     "numpy_dtype",
     "param_tables",
     "rms_update_table_",
+    "rms_update_tables_",
     "split_blocks",
     "sum_squares",
     "update_tables_",
@@ -151,26 +152,63 @@ def grad_squares(tables: dict[torch.dtype, Table]) -> float:
     return total
 
 
-def update_tables_(tables: dict[torch.dtype, Table], hp: AdamHyperParams) -> None:
-    """One Adam step (step counts included) of every row in ``tables``."""
+def update_tables_(
+    tables: dict[torch.dtype, Table], hp: AdamHyperParams, *, measure: bool = False
+) -> tuple[float, float]:
+    """One Adam step (step counts included) of every row in ``tables``.  Returns ``(sum of
+    squared parameter changes, sum of squared old values)`` when ``measure``, else zeros."""
     from adamkit.kernels import numba_tables
 
+    total = [0.0, 0.0]
     for dtype, (rows, sizes, steps) in tables.items():
         counts = numba_tables.advance_steps(steps)
-        numba_tables.adam_update_table_(rows, sizes, counts, _NUMPY[dtype], hp)
+        sums = numba_tables.adam_update_table_(
+            rows, sizes, counts, _NUMPY[dtype], hp, measure=measure
+        )
+        if sums is not None:
+            total[0] += sums[0]
+            total[1] += sums[1]
+    return total[0], total[1]
 
 
 def rms_update_table_(
-    table: Table, dtype: torch.dtype, hp: AdamHyperParams, threshold: float
-) -> list[float]:
+    table: Table,
+    dtype: torch.dtype,
+    hp: AdamHyperParams,
+    threshold: float,
+    *,
+    measure: bool = False,
+) -> tuple[list[float], tuple[float, float]]:
     """Step counts, then StableAdamW's per-tensor lr factors
     (:func:`adamkit.kernels.numba_tables.rms_lr_factors`), then the step with each tensor's
-    clipped lr; returns the factors in the table's order."""
+    clipped lr.  Returns the factors in the table's order and, when ``measure``, the sums of
+    :func:`update_tables_` (else zeros)."""
     from adamkit.kernels import numba_tables
 
     rows, sizes, steps = table
     counts = numba_tables.advance_steps(steps)
     np_dtype = _NUMPY[dtype]
     factors = numba_tables.rms_lr_factors(rows, sizes, counts, np_dtype, hp, threshold)
-    numba_tables.adam_update_table_(rows, sizes, counts, np_dtype, hp, lr_factors=factors)
-    return factors.tolist()
+    sums = numba_tables.adam_update_table_(
+        rows, sizes, counts, np_dtype, hp, lr_factors=factors, measure=measure
+    )
+    return factors.tolist(), (sums if sums is not None else (0.0, 0.0))
+
+
+def rms_update_tables_(
+    tables: dict[torch.dtype, Table],
+    hp: AdamHyperParams,
+    threshold: float,
+    *,
+    measure: bool = False,
+) -> tuple[list[float], tuple[float, float]]:
+    """:func:`rms_update_table_` over every dtype's table; factors concatenated in the dict's
+    order, sums added."""
+    factors: list[float] = []
+    total = [0.0, 0.0]
+    for dtype, table in tables.items():
+        scales, sums = rms_update_table_(table, dtype, hp, threshold, measure=measure)
+        factors.extend(scales)
+        total[0] += sums[0]
+        total[1] += sums[1]
+    return factors, (total[0], total[1])

@@ -497,6 +497,7 @@ class TorchGuard:
         *,
         loss: Any = None,
         grad_norm: Callable[[], float] | None = None,
+        measures_update: bool = False,
     ) -> bool:
         """One guarded step; returns whether the update was applied.
 
@@ -505,7 +506,11 @@ class TorchGuard:
         (``grad_scale``, ``lr_scale``, ``update_clip``) and return the per-tensor "rms" factors
         (or an empty sequence).  ``loss``: the step's loss or ``None``.  ``grad_norm``: a
         function returning :func:`global_norm` of those gradients, for an owner that can compute
-        it faster (used without a process group only; called at most once).  Errors raised before
+        it faster (used without a process group only; called at most once).
+        ``measures_update``: the owner can measure the update-norm diagnostic itself; then,
+        when it is tracked and there is no process group, ``apply(plan, measure=True)`` is
+        called instead and returns ``(factors, {"update_norm": ..., "param_norm": ...})``, and
+        no copy of the parameters is taken here.  Errors raised before
         ``apply`` (a bad loss) leave the guard, the optimizer and the parameters unchanged.  The
         one-time :class:`~adamkit.guard.GuardWarning` points at the caller's ``step()`` line.
         """
@@ -542,6 +547,10 @@ class TorchGuard:
         if not plan.apply:
             return False
         track = config.track_update_norm
+        if track and measures_update and not collective:
+            factors, norms = apply(plan, measure=True)  # type: ignore[call-arg]
+            guard.record_update(update_scales=list(factors), **norms)
+            return True
         if collective and track:
             parts = _local_parts([p.detach() for p in params])
             before = [t.clone() for t, _, _ in parts]
@@ -710,7 +719,7 @@ def adam_numpy_clipped_(
         done = [i for i in range(len(rows)) if i not in left]
         for dtype, table in tables.items():
             positions = [i for i in done if rows[i][0].dtype is dtype]  # param_tables' order
-            scales = rms_update_table_(table, dtype, hp, rms_threshold)
+            scales, _ = rms_update_table_(table, dtype, hp, rms_threshold)
             factors.update(zip(positions, scales, strict=True))
         if not rest:
             return [factors[i] for i in range(len(rows))]

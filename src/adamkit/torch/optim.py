@@ -29,7 +29,13 @@ from adamkit.kernels.stored import (
     update_through_,
 )
 from adamkit.torch import formats as tf
-from adamkit.torch._addresses import Table, grad_squares, param_tables, update_tables_
+from adamkit.torch._addresses import (
+    Table,
+    grad_squares,
+    param_tables,
+    rms_update_tables_,
+    update_tables_,
+)
 from adamkit.torch._groups import (
     EXTRA_KEYS,
     TORCH_SWITCHES,
@@ -553,12 +559,13 @@ class Adam(torch.optim.Optimizer):
             total = squares + rest * rest
             return math.nan if math.isnan(total) else math.sqrt(total)
 
+        def apply(plan: StepPlan, measure: bool = False) -> Any:
+            if measure:
+                return self._apply_measured(plans, plan, tables)
+            return self._update(plans, plan, tables)
+
         self.last_step_applied = self._guard.run(
-            self,
-            params,
-            lambda plan: self._update(plans, plan, tables),
-            loss=loss,
-            grad_norm=grad_norm,
+            self, params, apply, loss=loss, grad_norm=grad_norm, measures_update=True
         )
         return result
 
@@ -609,13 +616,29 @@ class Adam(torch.optim.Optimizer):
             prepared.append((tables, rest, taken))
         return prepared
 
+    def _apply_measured(
+        self, plans: list[_Plan], plan: StepPlan, tables: list[_Prepared | None]
+    ) -> tuple[list[float], dict[str, float]]:
+        # The guard's apply with the update-norm diagnostic measured here (TorchGuard.run's
+        # measures_update): the table kernel sums the changes while it writes them; only the
+        # parameters updated another way are copied before their update.
+        sums = [0.0, 0.0]
+        factors = self._update(plans, plan, tables, sums)
+        return factors, {"update_norm": math.sqrt(sums[0]), "param_norm": math.sqrt(sums[1])}
+
     def _update(
-        self, plans: list[_Plan], plan: StepPlan | None, tables: list[_Prepared | None]
+        self,
+        plans: list[_Plan],
+        plan: StepPlan | None,
+        tables: list[_Prepared | None],
+        sums: list[float] | None = None,
     ) -> list[float]:
         # The update of every group, as the guard's plan says (None: plain Adam).  Returns the
-        # per-tensor factors of update_clip="rms".
+        # per-tensor factors of update_clip="rms".  With ``sums``, adds the squared norms of the
+        # parameters' change and of their old values to sums[0] and sums[1].
         factors: list[float] = []
-        plain = plan is None or (plan.grad_scale == 1.0 and plan.update_clip is None)
+        unscaled = plan is None or plan.grad_scale == 1.0
+        clip = None if plan is None else plan.update_clip
         for group, (step_fn, params, weight_decay), prepared in zip(
             self.param_groups, plans, tables, strict=True
         ):
@@ -626,70 +649,105 @@ class Adam(torch.optim.Optimizer):
             lr = group["lr"]
             if plan is not None and plan.lr_scale != 1.0:
                 lr = lr * plan.lr_scale  # for this step only: group["lr"] stays the caller's
-            if prepared is not None and plain and group["param_rounding"] == "nearest":
-                # The prepared tables hold the gradients' addresses: only an unscaled step
-                # without update clipping can use them as they are.
-                update_tables_(
-                    prepared[0],
-                    hyper_params(
-                        float(lr),
-                        beta1,
-                        beta2,
-                        group["eps"],
-                        weight_decay,
-                        group["decoupled_weight_decay"],
-                        amsgrad,
-                        group["maximize"],
-                    ),
+            if (
+                prepared is not None
+                and unscaled
+                and clip in (None, "rms")
+                and group["param_rounding"] == "nearest"
+            ):
+                # The prepared tables hold the gradients' addresses: only unscaled gradients
+                # can be used as they are.
+                hp = hyper_params(
+                    float(lr),
+                    beta1,
+                    beta2,
+                    group["eps"],
+                    weight_decay,
+                    group["decoupled_weight_decay"],
+                    amsgrad,
+                    group["maximize"],
                 )
+                measure = sums is not None
+                if clip is None:
+                    measured = update_tables_(prepared[0], hp, measure=measure)
+                else:
+                    scales, measured = rms_update_tables_(
+                        prepared[0], hp, plan.rms_threshold, measure=measure
+                    )
+                    factors.extend(scales)
+                if sums is not None:
+                    sums[0] += measured[0]
+                    sums[1] += measured[1]
                 params = [params[i] for i in prepared[1]]
                 if not params:
                     continue
-            grads = [p.grad for p in params]
-            if plan is not None and plan.grad_scale != 1.0:
-                # Out of place and for this step only: p.grad stays the caller's.
-                grads = torch._foreach_mul(grads, plan.grad_scale)
-            if step_fn is None:
-                factors.extend(self._update_stored(group, params, grads, lr, weight_decay, plan))
-                continue
-            states = [self._state_for(p, amsgrad) for p in params]
-            args = (
-                params,
-                grads,
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
-                [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
-                [s["step"] for s in states],
+            before = [p.detach().clone() for p in params] if sums is not None else []
+            factors.extend(self._update_group(group, step_fn, params, weight_decay, lr, plan))
+            if before:
+                after = [p.detach() for p in params]
+                change = global_norm(torch._foreach_sub(after, before))
+                sums[0] += change * change
+                sums[1] += global_norm(before) ** 2
+        return factors
+
+    def _update_group(
+        self,
+        group: dict[str, Any],
+        step_fn: StepFn | None,
+        params: list[Tensor],
+        weight_decay: float,
+        lr: float | Tensor,
+        plan: StepPlan | None,
+    ) -> list[float]:
+        # One group's parameters through the general path: the step function the plan chose
+        # (or the stored-format path), gradients scaled and updates clipped as the plan says.
+        amsgrad = group["amsgrad"]
+        beta1, beta2 = group["betas"]
+        factors: list[float] = []
+        grads = [p.grad for p in params]
+        if plan is not None and plan.grad_scale != 1.0:
+            # Out of place and for this step only: p.grad stays the caller's.
+            grads = torch._foreach_mul(grads, plan.grad_scale)
+        if step_fn is None:
+            return self._update_stored(group, params, grads, lr, weight_decay, plan)
+        states = [self._state_for(p, amsgrad) for p in params]
+        args = (
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+            [s["step"] for s in states],
+        )
+        kwargs = {
+            "lr": lr,
+            "beta1": beta1,
+            "beta2": beta2,
+            "eps": group["eps"],
+            "weight_decay": weight_decay,
+            "decoupled_weight_decay": group["decoupled_weight_decay"],
+            "amsgrad": amsgrad,
+            "maximize": group["maximize"],
+        }
+        low = []
+        if group["param_rounding"] == "stochastic":
+            low = [i for i, p in enumerate(params) if p.dtype == torch.bfloat16]
+        finish = None
+        if low:
+            args, finish = tf.widened(args, low, amsgrad)
+        if plan is None or plan.update_clip is None:
+            step_fn(*args, **kwargs)
+        else:
+            # Update clipping needs the moments mid-step: torch ops, or the NumPy reference
+            # for the NumPy-backed implementations (reference, numba), which take CPU float
+            # tensors.
+            numpy_backed = step_fn is not adam_torch_ and all(
+                p.device.type == "cpu" and p.dtype in _WORK_DTYPES for p in args[0]
             )
-            kwargs = {
-                "lr": lr,
-                "beta1": beta1,
-                "beta2": beta2,
-                "eps": group["eps"],
-                "weight_decay": weight_decay,
-                "decoupled_weight_decay": group["decoupled_weight_decay"],
-                "amsgrad": amsgrad,
-                "maximize": group["maximize"],
-            }
-            low = []
-            if group["param_rounding"] == "stochastic":
-                low = [i for i, p in enumerate(params) if p.dtype == torch.bfloat16]
-            finish = None
-            if low:
-                args, finish = tf.widened(args, low, amsgrad)
-            if plan is None or plan.update_clip is None:
-                step_fn(*args, **kwargs)
-            else:
-                # Update clipping needs the moments mid-step: torch ops, or the NumPy reference
-                # for the NumPy-backed implementations (reference, numba), which take CPU float
-                # tensors.
-                numpy_backed = step_fn is not adam_torch_ and all(
-                    p.device.type == "cpu" and p.dtype in _WORK_DTYPES for p in args[0]
-                )
-                clipped_step = adam_numpy_clipped_ if numpy_backed else adam_torch_
-                factors.extend(clipped_step(*args, **kwargs, **_clip_options(plan)))
-            if finish is not None:
-                finish(self._format_rng)
+            clipped_step = adam_numpy_clipped_ if numpy_backed else adam_torch_
+            factors.extend(clipped_step(*args, **kwargs, **_clip_options(plan)))
+        if finish is not None:
+            finish(self._format_rng)
         return factors
 
     def _update_stored(
