@@ -16,7 +16,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +30,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import adamkit.torch as at
+from adamkit.torch.distributed import guard_checkpoint_state, load_guard_checkpoint
+from adamkit.torch.formats import dense_state_dict
 
 SCENARIOS = ("ddp", "zero", "fsdp2", "dcp-fsdp2", "dcp-ddp")
 
-# torch's ZeroRedundancyOptimizer.load_state_dict puts this rank's entries into the adamkit
-# optimizer as they are, then also runs torch.optim.Optimizer.load_state_dict on the wrapper,
-# which keeps in the wrapper's own ``.state`` a copy cast to the parameter's dtype: the uint8
-# codes become float32 (4 bytes per element, more than the whole int8 state).
-ZERO_LOAD_CASTS_CODES = (
-    "torch ZeroRedundancyOptimizer.load_state_dict keeps a float32 cast of this rank's int8 "
-    "codes in the wrapper's .state (unused by adamkit, but held): ~4x the compressed state"
-)
-FSDP2_STORED_STATE = (
-    "adamkit.torch: a state format (state='int8' etc.) refuses DTensor parameters with "
-    "NotImplementedError (formats.check_stored_params), so FSDP2 cannot use compressed state"
-)
 
 # Global batch per step; every world size used here divides it.
 BATCH = 8
@@ -53,8 +43,16 @@ OUT_FEATURES = 3
 HIDDEN = 32
 # Cases with a quantized state format use a wider model: int8 keeps float32 moments for tensors
 # under 4096 elements (adamkit.formats.MIN_QUANTIZED_SIZE), so at HIDDEN = 32 nothing would be
-# quantized.  At 64 the two 64 x 64 weights hold uint8 codes and block scales.
+# quantized.  At 64 the two 64 x 64 weights hold 8-bit codes and block scales; FSDP2 on 2 ranks
+# gives each rank 32 rows = 2048 elements, a whole number of blocks (of 32 or 256: block-aligned
+# shards, so the sharded run is the single-process run bit for bit).
 QUANTIZED_HIDDEN = 64
+# 70 x 70 weights: 35 rows = 2450 elements per rank, a multiple of neither 32 nor 256, so one
+# block straddles the two shards (each rank quantizes its own part of it).
+UNALIGNED_HIDDEN = 70
+# See DistCase.tol: measured at most 2.5 (bf16) and 1.8 (unaligned int8, blocks of 32 or 256)
+# over 14 seeds, 4 steps.
+APPROX_FACTOR = 5.0
 # torch.manual_seed under which every process builds the optimizer, so the single-process
 # reference rounds bf16 state with the same bits (under a process group the optimizer takes
 # rank 0's seed anyway: see the "adam-bf16-unseeded" case).
@@ -67,14 +65,18 @@ class DistCase:
 
     ``xfail`` maps a scenario to the reason it cannot pass yet (the tests mark it
     ``xfail(strict=True)``, so it turns into a failure once fixed and the entry must go).
-    State formats and the stability guard join as more cases (their keyword arguments in
-    ``kwargs``) once adamkit.torch accepts them.
+    ``tol`` maps a scenario to a factor where the run is not the single-process one bit for bit
+    (bf16 rounding bits drawn per shard, int8 blocks that straddle shards): it may differ from
+    the single-process run by that factor times what the single-process run with this state
+    format differs from one with ``fp32`` state (:func:`approx_tolerances`), and moments are
+    compared decoded to float32.
     """
 
     id: str
     optimizer: str  # "Adam" or "AdamW", a class of adamkit.torch
     kwargs: dict[str, Any] = field(default_factory=dict)
     xfail: dict[str, str] = field(default_factory=dict)
+    tol: dict[str, float] = field(default_factory=dict)
     # Scenarios the case runs in (None: all of SCENARIOS); names outside SCENARIOS select
     # dedicated tests (e.g. "ddp-replicas").
     scenarios: tuple[str, ...] | None = None
@@ -85,12 +87,6 @@ class DistCase:
     @property
     def optimizer_class(self) -> type[torch.optim.Optimizer]:
         return getattr(at, self.optimizer)
-
-    @property
-    def flattens(self) -> bool:
-        """Whether DCP checkpoints of this case can use ``flatten_optimizer_state_dict=True``:
-        not with a state format, whose ``state_format`` string torch's flattening refuses."""
-        return self.kwargs.get("state") is None
 
     def runs_in(self, scenario: str) -> bool:
         return self.scenarios is None or scenario in self.scenarios
@@ -132,31 +128,44 @@ CASES: list[DistCase] = [
         "Adam",
         {"lr": 1e-2, "impl": "reference"},
     ),
-    # Stored state formats (adamkit.torch.formats).  FSDP2's parameters are DTensors, which the
-    # stored-state step does not take (adamkit.torch.formats.check_stored_params).
+    # Stored state formats (adamkit.torch.formats).  Under FSDP2 each rank keeps the state of its
+    # shards; int8 forms its blocks over the local shard.
     DistCase(
         "adam-fp32-state",
         "Adam",
         {"lr": 1e-2, "state": "fp32"},
-        scenarios=("ddp", "dcp-ddp"),
+        scenarios=("ddp", "fsdp2", "dcp-ddp", "dcp-fsdp2"),
     ),
+    # bf16 under FSDP2: each shard rounds with bits of its own (adamkit.torch.formats.shard_rng),
+    # not the single process's: another draw of the same rounding noise.  Measured over 8
+    # seeds: the sharded-vs-single difference is at most 2.5 times the bf16-vs-fp32
+    # difference.  Checkpoints carry the generator (guard_checkpoint_state), so DDP runs resume
+    # bit for bit.
     DistCase(
         "adam-bf16-state",
         "Adam",
         {"lr": 1e-2, "state": "bf16"},
-        scenarios=("ddp",),
+        scenarios=("ddp", "fsdp2", "dcp-ddp", "dcp-fsdp2"),
         hidden=QUANTIZED_HIDDEN,
+        tol={"fsdp2": APPROX_FACTOR, "dcp-fsdp2": APPROX_FACTOR},
     ),
     DistCase(
         "adamw-int8-state",
         "AdamW",
         {"lr": 1e-2, "weight_decay": 0.1, "state": "int8"},
-        xfail={
-            "fsdp2": FSDP2_STORED_STATE,
-            "dcp-fsdp2": FSDP2_STORED_STATE,
-            "zero-load-bytes": ZERO_LOAD_CASTS_CODES,
-        },
         hidden=QUANTIZED_HIDDEN,
+    ),
+    # Shards that are not block-aligned: rank 1's blocks start at element 2450, not at a
+    # multiple of the block, so its moments are quantized over other blocks than one process's (each
+    # value within half a code gap of its block maximum either way).  Measured over 8 seeds: at
+    # most 1.8 times the int8-vs-fp32 difference.
+    DistCase(
+        "adamw-int8-unaligned",
+        "AdamW",
+        {"lr": 1e-2, "weight_decay": 0.1, "state": "int8"},
+        scenarios=("fsdp2", "dcp-fsdp2"),
+        hidden=UNALIGNED_HIDDEN,
+        tol={"fsdp2": APPROX_FACTOR, "dcp-fsdp2": APPROX_FACTOR},
     ),
     # Like adam-bf16-state, but each process keeps torch's own (per-process random) seed.
     DistCase(
@@ -268,13 +277,33 @@ def param_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def state_snapshot(
     model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Optimizer state per parameter name (whole tensors), for parameters that have state."""
-    out = {}
-    for name, p in model.named_parameters():
-        state = optimizer.state.get(p)
-        if state:
-            out[name] = {key: full(value) for key, value in state.items()}
-    return out
+    """Optimizer state per parameter name (whole tensors), for parameters that have state.
+
+    adamkit optimizers: as ``state_dict()`` writes it (a collective under FSDP2 with int8
+    state), whose layout does not depend on the number of ranks (the live int8 block scales of
+    a shard are the rank's own); ``state_format`` is then a number."""
+    if isinstance(optimizer, at.Adam):
+        saved = optimizer.state_dict()["state"]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        index = {id(p): i for i, p in enumerate(params)}
+        states = {name: saved.get(index.get(id(p))) for name, p in model.named_parameters()}
+    else:
+        states = {name: optimizer.state.get(p) for name, p in model.named_parameters()}
+    return {
+        name: {key: full(value) for key, value in state.items()}
+        for name, state in states.items()
+        if state
+    }
+
+
+def is_quantized(entry: dict[str, Any]) -> bool:
+    """Whether a state entry holds block-quantized moments (codes and block scales)."""
+    return "exp_avg_scale" in entry
+
+
+def decoded(state: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A :func:`state_snapshot` with compressed moments decoded to float32 (torch's layout)."""
+    return dense_state_dict({"state": state})["state"]
 
 
 def reference_run(
@@ -292,16 +321,23 @@ def save_checkpoint(
     model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, flatten: bool
 ) -> None:
     """Model and optimizer state through ``get_state_dict`` into a DCP checkpoint at ``path``
-    (collective when a process group is up; a plain single-process save otherwise)."""
+    (collective when a process group is up; a plain single-process save otherwise), with the
+    guard and the rounding generator beside them (``guard_checkpoint_state``)."""
     options = StateDictOptions(flatten_optimizer_state_dict=flatten)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    state = {"model": model_sd, "optim": optim_sd, "guard": guard_checkpoint_state(optimizer)}
+    dcp.save(state, checkpoint_id=str(path))
 
 
 def load_checkpoint(
-    model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, flatten: bool
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    path: Path,
+    flatten: bool,
+    guard: bool = True,
 ) -> None:
-    """The counterpart of :func:`save_checkpoint`, resharding to however many ranks load it."""
+    """The counterpart of :func:`save_checkpoint`, resharding to however many ranks load it;
+    ``guard=False`` leaves the guard's entry (and the rounding generator) out."""
     options = StateDictOptions(flatten_optimizer_state_dict=flatten)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
@@ -313,6 +349,30 @@ def load_checkpoint(
         optim_state_dict=state["optim"],
         options=options,
     )
+    if guard:
+        load_guard_checkpoint(optimizer, checkpoint_id=str(path))
+
+
+def approx_tolerances(
+    case: DistCase, scenario: str, seed: int, steps: int, world_size: int
+) -> tuple[float, float] | None:
+    """``(parameters, decoded moments)`` tolerances of ``case`` in ``scenario`` after ``steps``
+    steps (see :class:`DistCase`), or ``None`` where the run must match bit for bit."""
+    if scenario not in case.tol:
+        return None
+    fp32 = replace(case, kwargs={**case.kwargs, "state": "fp32"}, tol={})
+    model, optimizer = reference_run(case, seed, steps, world_size)
+    fp32_model, fp32_optimizer = reference_run(fp32, seed, steps, world_size)
+    a, b = param_snapshot(model), param_snapshot(fp32_model)
+    params = max(rel_diff(a[name], b[name]) for name in a)
+    sa, sb = (
+        decoded(state_snapshot(model, optimizer)),
+        decoded(state_snapshot(fp32_model, fp32_optimizer)),
+    )
+    moments = max(
+        rel_diff(sa[name][key], sb[name][key]) for name in sa for key in sa[name] if key != "step"
+    )
+    return case.tol[scenario] * params, case.tol[scenario] * moments
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:

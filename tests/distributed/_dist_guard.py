@@ -529,7 +529,7 @@ def run_guard_dcp_resume(args: dict[str, Any]) -> dict[str, Any]:
     seed, path = args["seed"], Path(args["resume_from"])
     forward, model = _ddp(seed + 12345)
     optimizer = make_dcp_optimizer(forward.named_parameters())
-    load_checkpoint(forward, optimizer, path, flatten=True)
+    load_checkpoint(forward, optimizer, path, flatten=True, guard=False)
     load_guard_checkpoint(optimizer, checkpoint_id=str(path))
     loaded = guard_summary(optimizer)
     rank = _rank()

@@ -25,6 +25,7 @@ from _dist_cases import (
     CASE_BY_ID,
     DistCase,
     load_checkpoint,
+    loss_fn,
     make_batches,
     make_model,
     param_snapshot,
@@ -35,9 +36,18 @@ from _dist_cases import (
 )
 from _dist_guard import GUARD_SCENARIOS
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 import adamkit.torch as at
-from adamkit.torch.distributed import any_rank, state_nbytes
+from adamkit.formats import get_format
+from adamkit.torch.distributed import (
+    any_rank,
+    guard_checkpoint_state,
+    load_guard_checkpoint,
+    load_zero_state_dict,
+    state_nbytes,
+)
+from adamkit.torch.formats import FORMAT_KEY
 
 
 def _rank_batches(seed: int, steps: int, start: int = 0) -> list[Any]:
@@ -57,14 +67,20 @@ def _fsdp2_model(seed: int, hidden: int) -> nn.Module:
 
 
 def _layout_problems(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    # FSDP2: each state tensor must be a DTensor laid out like its parameter, so that the rank
-    # holds only its shard's state.
+    # FSDP2: each moment must be a DTensor laid out like its parameter, so that the rank holds
+    # only its shard's state; int8 block scales are plain tensors, one per block of the shard.
     from torch.distributed.tensor import DTensor
 
     problems = []
     for name, p in model.named_parameters():
         for key, value in optimizer.state.get(p, {}).items():
-            if key == "step":
+            if key in ("step", FORMAT_KEY):
+                continue
+            if key.endswith("_scale"):
+                block = get_format(optimizer.param_groups[0]["state"]).block
+                blocks = -(-p.to_local().numel() // block)
+                if isinstance(value, DTensor) or value.shape != (blocks,):
+                    problems.append(f"{name}.{key}: {type(value).__name__} {tuple(value.shape)}")
                 continue
             if not isinstance(value, DTensor):
                 problems.append(f"{name}.{key} is a {type(value).__name__}, not a DTensor")
@@ -127,8 +143,14 @@ def run_zero(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
     resumed = case.model(seed)
     resumed.load_state_dict(model.state_dict())
     resumed_ddp = DistributedDataParallel(resumed)
+    # torch's own load_state_dict leaves a float32 copy of this rank's state in the wrapper:
+    # measured here, then load_zero_state_dict, which drops it.
+    plain = zero(case.model(seed).parameters())
+    plain.load_state_dict(copy.deepcopy(consolidated[0]))
+    out["state_nbytes_after_plain_load"] = state_nbytes(plain)
+    out["wrapper_nbytes_after_plain_load"] = state_nbytes(plain) - state_nbytes(plain.optim)
     resumed_optimizer = zero(resumed.parameters())
-    resumed_optimizer.load_state_dict(consolidated[0])
+    out["dropped_nbytes"] = load_zero_state_dict(resumed_optimizer, consolidated[0])
     out["state_nbytes_after_load"] = state_nbytes(resumed_optimizer)
     train(resumed_ddp, resumed_optimizer, _rank_batches(seed, more, start=steps))
     out["resumed_params"] = param_snapshot(resumed)
@@ -160,13 +182,67 @@ def run_fsdp2(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
     model = _fsdp2_model(seed, case.hidden)
     optimizer = case.make(model.named_parameters())
     train(model, optimizer, _rank_batches(seed, steps))
-    return {
+    out = {
         "params": param_snapshot(model),
         "state": state_snapshot(model, optimizer),
         "layout_problems": _layout_problems(model, optimizer),
         "state_nbytes": state_nbytes(optimizer),
         "param_nbytes": sum(p.to_local().nbytes for p in model.parameters()),
     }
+    # state_dict() -> load_state_dict() into a fresh FSDP2 optimizer: which live local tensors
+    # (codes, this rank's block scales, ...) came back bit for bit.
+    fresh_model = _fsdp2_model(seed + 1, case.hidden)
+    fresh = case.make(fresh_model.named_parameters())
+    fresh.load_state_dict(optimizer.state_dict())
+    changed = []
+    for (name, p), q in zip(model.named_parameters(), fresh_model.parameters(), strict=True):
+        mine, theirs = optimizer.state[p], fresh.state[q]
+        for key, value in mine.items():
+            a, b = value, theirs.get(key)
+            a = a.to_local() if isinstance(a, DTensor) else a
+            b = b.to_local() if isinstance(b, DTensor) else b
+            same = torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+            if not same:
+                changed.append(f"{name}.{key}")
+    out["reload_changed"] = changed
+    return out
+
+
+def run_fsdp2_snapshot(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
+    """The guard's rollback snapshot through DCP (guard_checkpoint_state / load_guard_checkpoint)
+    under FSDP2: which live local snapshot tensors come back bit for bit on this rank."""
+    import torch.distributed.checkpoint as dcp
+
+    seed, steps = args["seed"], args["steps"]
+    guard = {"loss_spike": True, "loss_warmup": 1, "snapshot_interval": 1}
+    model = _fsdp2_model(seed, case.hidden)
+    with case.seeding():
+        optimizer = case.optimizer_class(model.named_parameters(), **case.kwargs, guard=guard)
+    for x, y in _rank_batches(seed, steps):
+        optimizer.zero_grad()
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        optimizer.step(loss=loss.detach())
+    path = str(Path(args["checkpoints"]) / case.id)
+    dcp.save({"guard": guard_checkpoint_state(optimizer)}, checkpoint_id=path)
+    fresh_model = _fsdp2_model(seed + 1, case.hidden)
+    with case.seeding():
+        fresh = case.optimizer_class(fresh_model.named_parameters(), **case.kwargs, guard=guard)
+    load_guard_checkpoint(fresh, checkpoint_id=path)
+    mine, theirs = optimizer._guard.snapshot, fresh._guard.snapshot
+    changed = []
+    for index, (a, b) in enumerate(zip(mine.states, theirs.states, strict=True)):
+        for key, value in (a or {}).items():
+            other = (b or {}).get(key)
+            x = value.to_local() if isinstance(value, DTensor) else value
+            y = other.to_local() if isinstance(other, DTensor) else other
+            if isinstance(x, torch.Tensor):
+                same = isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+            else:
+                same = x == y
+            if not same or isinstance(value, DTensor) != isinstance(other, DTensor):
+                changed.append(f"{index}.{key}")
+    return {"has_snapshot": mine is not None, "changed": changed}
 
 
 def _dcp_setup(
@@ -189,15 +265,15 @@ def run_dcp_save(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
     wrapped, model, optimizer = _dcp_setup(case, engine, seed)
     train(wrapped, optimizer, _rank_batches(seed, steps))
     path = Path(args["checkpoints"]) / engine / case.id
-    save_checkpoint(wrapped, optimizer, path, args["flatten"] and case.flattens)
-    return {"params": param_snapshot(model)}
+    save_checkpoint(wrapped, optimizer, path, args["flatten"])
+    return {"params": param_snapshot(model), "state": state_snapshot(model, optimizer)}
 
 
 def run_dcp_resume(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
     seed, steps, more, engine = args["seed"], args["steps"], args["more_steps"], args["engine"]
     # Another seed: everything the run continues from must come out of the checkpoint.
     wrapped, model, optimizer = _dcp_setup(case, engine, seed + 12345)
-    flatten = args["flatten"] and case.flattens
+    flatten = args["flatten"]
     load_checkpoint(wrapped, optimizer, Path(args["checkpoints"]) / case.id, flatten)
     out: dict[str, Any] = {
         "loaded_params": param_snapshot(model),
@@ -251,6 +327,7 @@ CASE_SCENARIOS: dict[str, Callable[[DistCase, dict[str, Any]], dict[str, Any]]] 
     "ddp": run_ddp,
     "zero": run_zero,
     "fsdp2": run_fsdp2,
+    "fsdp2_snapshot": run_fsdp2_snapshot,
     "dcp_save": run_dcp_save,
     "dcp_resume": run_dcp_resume,
 }

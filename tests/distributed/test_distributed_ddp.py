@@ -10,7 +10,6 @@ stochastic rounding, the optimizer's generator, which every process seeds alike 
 from __future__ import annotations
 
 import pytest
-import torch
 from _dist_cases import (
     CASE_BY_ID,
     assert_close_dicts,
@@ -20,6 +19,7 @@ from _dist_cases import (
     case_ids,
     case_params,
     fresh_seed,
+    is_quantized,
     param_snapshot,
     rank_results,
     reference_run,
@@ -28,6 +28,7 @@ from _dist_cases import (
 from _dist_launch import run_ranks
 
 from adamkit.torch.distributed import state_nbytes
+from adamkit.torch.formats import FORMAT_KEY, format_name
 
 WORLD_SIZE = 2
 STEPS = 4
@@ -73,8 +74,11 @@ def test_ddp_compressed_state_is_compressed(ddp_run):
     # Guards the int8 rows against testing float32 moments only (the small-tensor rule).
     _, ranks = ddp_run
     state = rank_results(ranks, "adamw-int8-state")[0]["state"]
-    quantized = [name for name, entry in state.items() if entry["exp_avg"].dtype == torch.uint8]
+    quantized = [name for name, entry in state.items() if is_quantized(entry)]
     assert quantized == ["2.weight", "4.weight"], sorted(state)
+    # state_dict() writes the format as its number (adamkit.torch.formats.FORMAT_CODES).
     assert all(
-        entry["state_format"] == "int8" for entry in state.values() if entry["exp_avg"].dim() == 2
+        format_name(entry[FORMAT_KEY]) == "int8"
+        for entry in state.values()
+        if entry["exp_avg"].dim() == 2
     )

@@ -5,12 +5,18 @@ The Adam step does no communication of its own (the stability guard does one sma
 DDP, ZeRO-1
 (``torch.distributed.optim.ZeroRedundancyOptimizer(params, optimizer_class=adamkit.torch.Adam)``),
 FSDP2 (``torch.distributed.fsdp.fully_shard``) and distributed checkpoints
-(``torch.distributed.checkpoint`` with ``get_state_dict``/``set_state_dict``) drive
-:class:`adamkit.torch.Adam`/``AdamW`` exactly as they drive ``torch.optim.Adam``.  The Adam step is
-elementwise, so on FSDP2's DTensor parameters it updates each rank's shard and creates state for
-that shard only.  This module adds what those engines do not provide:
+(``torch.distributed.checkpoint`` with ``get_state_dict``/``set_state_dict``, nested or
+``flatten_optimizer_state_dict=True``) drive :class:`adamkit.torch.Adam`/``AdamW`` as they drive
+``torch.optim.Adam``, with every ``state=`` format.  The Adam step is elementwise, so on FSDP2's
+DTensor parameters it updates each rank's shard and creates state for that shard only (int8 forms
+its blocks over the shard; when the shards are block-aligned the run is the single-process run bit
+for bit, see :mod:`adamkit.torch.formats`).  Under FSDP2 with int8 state ``state_dict()`` is a
+collective (every rank must call it, as ``get_state_dict`` does).  This module adds what those
+engines do not provide:
 
 - :func:`state_nbytes`: bytes of optimizer state held by this process, to check what sharding saves;
+- :func:`load_zero_state_dict`: ``ZeroRedundancyOptimizer.load_state_dict`` without the float32
+  copy of this rank's state that torch leaves in the wrapper (4x the bytes of ``int8`` state);
 - :func:`any_rank`: one ``all_reduce`` so that every rank takes the same decision (a step that one
   rank must skip is skipped by all of them, or the replicas drift apart);
 - :func:`guard_checkpoint_state` / :func:`load_guard_checkpoint`: the guard's state in a
@@ -30,11 +36,16 @@ that shard only.  This module adds what those engines do not provide:
                      optim_state_dict=state["optim"])
       load_guard_checkpoint(optimizer, checkpoint_id=path)   # after set_state_dict
 
+  The same entry carries the generator behind stochastic rounding (bf16 state,
+  ``param_rounding="stochastic"``), which ``get_state_dict`` drops too, so a bf16 run resumes its
+  random stream exactly.
+
 Everything here works without an initialized process group (then it describes the one process).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -48,6 +59,7 @@ __all__ = [
     "any_rank",
     "guard_checkpoint_state",
     "load_guard_checkpoint",
+    "load_zero_state_dict",
     "reduce_device",
     "state_nbytes",
 ]
@@ -111,6 +123,38 @@ def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()
     return total
+
+
+def load_zero_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> int:
+    """``optimizer.load_state_dict(state_dict)`` for a ``ZeroRedundancyOptimizer``, without the
+    copy torch keeps in the wrapper; returns the bytes that copy held (not shared with
+    ``.optim``'s state, counted as :func:`state_nbytes` does).
+
+    torch's ``ZeroRedundancyOptimizer.load_state_dict`` hands this rank's entries to the
+    optimizer doing the work (``.optim``), then also runs ``torch.optim.Optimizer.load_state_dict``
+    on the wrapper itself, which keeps every entry of this rank in the wrapper's own ``.state``,
+    cast to the parameter's dtype: ``int8`` codes become float32, four times the compressed state,
+    held for nothing (the wrapper never reads its ``.state``).  This clears it, which is all there
+    is to it (``zero.load_state_dict(sd); zero.state.clear()`` does the same), and puts the
+    entries of an adamkit ``.optim`` back in its live form (format names, see
+    :data:`adamkit.torch.formats.FORMAT_CODES`).  Raises ``TypeError`` for anything but a
+    ``ZeroRedundancyOptimizer``.
+    """
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from adamkit.torch.formats import FORMAT_KEY, format_name
+
+    if not isinstance(optimizer, ZeroRedundancyOptimizer):
+        raise TypeError(
+            f"optimizer must be a ZeroRedundancyOptimizer, got {type(optimizer).__name__}"
+        )
+    optimizer.load_state_dict(state_dict)
+    held = state_nbytes(optimizer)
+    optimizer.state.clear()
+    for entry in optimizer.optim.state.values():
+        if isinstance(entry, dict) and isinstance(entry.get(FORMAT_KEY), int):
+            entry[FORMAT_KEY] = format_name(entry[FORMAT_KEY])
+    return held - state_nbytes(optimizer)
 
 
 def reduce_device(group: Any = None) -> torch.device:
@@ -193,13 +237,54 @@ def _snapshot_layout(state: dict[str, Any]) -> dict[str, Any]:
     return layout
 
 
+def _rng_state(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    # The generator behind stochastic rounding (bf16 state, param_rounding="stochastic"), which
+    # get_state_dict drops with every top-level key but "state" and "param_groups".  Its state is
+    # the same on every rank (shards round with generators drawn from it, adamkit.torch.formats
+    # shard_rng), so DCP may keep any rank's copy.
+    from adamkit.torch.formats import uses_rng
+
+    rng = getattr(optimizer, "_format_rng", None)
+    if rng is None or not uses_rng(optimizer.param_groups):
+        return None
+    return copy.deepcopy(rng.bit_generator.state)
+
+
+def _whole_tensor_snapshot(optimizer: Any, snapshot: dict[str, Any]) -> dict[str, Any]:
+    # FSDP2 with block-quantized state: a rank's block scales are its own (a plain tensor), which
+    # DCP would save from one rank only; save the whole tensor's, as state_dict() does (a
+    # collective, in the same order on every rank).
+    from adamkit.torch import formats as tf
+    from adamkit.torch.guarded import _all_params
+
+    params = _all_params(optimizer)
+    state = {}
+    for index, entry in sorted(snapshot["state"].items()):
+        p = params[index]
+        if tf.is_dtensor(p) and isinstance(entry.get(tf.FORMAT_KEY), str):
+            entry = tf.whole_tensor_entry(dict(entry), p)
+        state[index] = entry
+    return {**snapshot, "state": state}
+
+
+def _live_snapshot_entry(param: Tensor, entry: dict[str, Any], where: str) -> dict[str, Any]:
+    from adamkit.torch import formats as tf
+
+    if tf.is_dtensor(param) and isinstance(entry.get(tf.FORMAT_KEY), str):
+        return tf.live_entry(entry, param, where)
+    return entry
+
+
 def guard_checkpoint_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The guard of an adamkit optimizer as an entry for ``torch.distributed.checkpoint.save``.
 
     ``optimizer``: ``adamkit.torch.Adam``/``AdamW`` or a :class:`~adamkit.torch.GuardedOptimizer`
     with its guard on (for ``ZeroRedundancyOptimizer`` pass its ``.optim``).  Returns
     ``{"meta": str, "snapshot": {...}}``: ``meta`` is JSON (format, version, the guard's numbers
-    from :meth:`adamkit.guard.Guard.state_dict`, the snapshot's layout); ``snapshot`` is present
+    from :meth:`adamkit.guard.Guard.state_dict`, the snapshot's layout, and ``state_rng``: the
+    state of the generator behind stochastic rounding, bf16 state or
+    ``param_rounding="stochastic"``, so that such a run resumes its random stream exactly; the
+    state dict's ``"state_rng"``, which ``get_state_dict`` drops); ``snapshot`` is present
     only while the guard holds a rollback snapshot, as ``{"params": {"<i>": tensor}, "state":
     {"<i>": {key: tensor}}}`` (``i`` numbers the parameters in ``param_groups`` order, like
     torch's state dicts), references to the live copies (DTensors under FSDP2, so each rank
@@ -212,6 +297,8 @@ def guard_checkpoint_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     guard = _torch_guard(optimizer)
     full = guard.state_dict()
     snapshot = full["snapshot"]
+    if snapshot is not None:
+        snapshot = _whole_tensor_snapshot(optimizer, snapshot)
     meta = {
         "format": GUARD_CHECKPOINT_FORMAT,
         "version": GUARD_CHECKPOINT_VERSION,
@@ -219,6 +306,7 @@ def guard_checkpoint_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         "guard_version": STATE_VERSION,
         "guard": full["guard"],
         "snapshot": None if snapshot is None else _snapshot_layout(snapshot),
+        "state_rng": _rng_state(optimizer),
     }
     try:
         text = json.dumps(meta)
@@ -236,13 +324,18 @@ def guard_checkpoint_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return out
 
 
-def _placeholder(param: Tensor, template: Any, spec: dict[str, Any], where: str) -> Tensor:
+def _placeholder(
+    param: Tensor, template: Any, spec: dict[str, Any], where: str, plain: bool = False
+) -> Tensor:
     # A tensor of the saved global shape and dtype, laid out like this run's state (DTensor
-    # shards under FSDP2) so that DCP reshards into it.
+    # shards under FSDP2) so that DCP reshards into it; `plain`: a tensor equal on every rank
+    # (the whole tensor's int8 block scales).
     shape = tuple(spec["shape"])
     dtype = getattr(torch, spec["dtype"], None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"{where}: unknown dtype {spec['dtype']!r}")
+    if plain:
+        return torch.empty(shape, dtype=dtype)
     if isinstance(template, Tensor) and tuple(template.shape) == shape and template.dtype == dtype:
         return torch.empty_like(template)
     if shape == tuple(param.shape):
@@ -272,10 +365,12 @@ def load_guard_checkpoint(
     :meth:`adamkit.guard.Guard.load_state_dict`).  Raises ``TypeError``/``ValueError`` for an
     optimizer without a guard, an entry of another format, or a snapshot that does not fit the
     parameters, and whatever ``dcp.load`` raises for a checkpoint without ``key``; the guard is
-    unchanged then.
+    unchanged then.  The rounding generator's state, when saved (``state_rng``, see
+    :func:`guard_checkpoint_state`), replaces the optimizer's.
     """
     import torch.distributed.checkpoint as dcp
 
+    from adamkit.torch.formats import saved_rng
     from adamkit.torch.guarded import STATE_FORMAT, STATE_VERSION, _all_params
 
     guard = _torch_guard(optimizer)
@@ -310,7 +405,11 @@ def load_guard_checkpoint(
             live = optimizer.state.get(param, {})
             target["state"][index] = {
                 name: _placeholder(
-                    param, live.get(name), spec, f"guard snapshot state {index} {name!r}"
+                    param,
+                    live.get(name),
+                    spec,
+                    f"guard snapshot state {index} {name!r}",
+                    plain=name.endswith("_scale"),
                 )
                 for name, spec in keys.items()
                 if "value" not in spec
@@ -321,10 +420,14 @@ def load_guard_checkpoint(
         snapshot = {
             "params": [target["params"][str(i)] for i in range(len(params))],
             "state": {
-                int(index): {
-                    name: spec["value"] if "value" in spec else target["state"][index][name]
-                    for name, spec in keys.items()
-                }
+                int(index): _live_snapshot_entry(
+                    params[int(index)],
+                    {
+                        name: spec["value"] if "value" in spec else target["state"][index][name]
+                        for name, spec in keys.items()
+                    },
+                    f"guard snapshot state {index}",
+                )
                 for index, keys in layout["state"].items()
             },
         }
@@ -339,4 +442,9 @@ def load_guard_checkpoint(
             f"checkpoint entry {key!r} holds guard state {entry['format']!r} version "
             f"{entry['version']!r}; this adamkit reads {STATE_FORMAT!r} version {STATE_VERSION}"
         )
+    rng = None
+    if meta.get("state_rng") is not None and hasattr(optimizer, "_format_rng"):
+        rng = saved_rng(meta["state_rng"], optimizer._format_rng)
     guard.prepare_load(optimizer, entry)()
+    if rng is not None:
+        optimizer._format_rng = rng

@@ -14,7 +14,7 @@ key                   ``None``         ``"fp32"``          ``"bf16"``          `
                       (torch's)
 ====================  ===============  ==================  ==================  ====================
 ``step``              float32 0-d      float32 0-d         float32 0-d         float32 0-d
-``state_format``      (absent)         ``"fp32"``          ``"bf16"``          ``"int8"``
+``state_format``      (absent)         ``"fp32"`` / 1      ``"bf16"`` / 2      ``"int8"`` / 3
 ``exp_avg``           param's dtype    float32             bfloat16            uint8 codes
 ``exp_avg_scale``     --               --                  --                  float32, one per
                                                                                block of 256
@@ -28,17 +28,30 @@ Every moment tensor has the parameter's shape (codes too: one per element, in C 
 state dict is readable without the model.  Under ``"int8"`` a parameter with fewer than 4096
 elements keeps float32 moments (``exp_avg`` float32, no scale) while its ``state_format`` stays
 ``"int8"``: that is the format's small-tensor rule.  ``"int8-companded"`` uses int8 codes for
-``exp_avg`` and blocks of 32.
+``exp_avg`` and blocks of 32.  ``state_format`` is the name in the live state and the number
+(:data:`FORMAT_CODES`) in ``state_dict()``, which ``torch.distributed.checkpoint``'s flattened
+state dicts require; loading takes either.
 
 The step computes on the CPU through NumPy views that share memory with these tensors
 (:func:`storage_of`); other devices raise ``NotImplementedError``.  Loading converts between
 formats (:func:`convert_entry`): ``load`` of the source format to float32, ``store`` into the
 target's.
+
+FSDP2 (DTensor parameters, see the section "DTensor parameters" below): the format is chosen on
+the whole parameter's shape, the moments are DTensors laid out like the parameter and int8 block
+scales are plain per-rank tensors over the local shard; ``state_dict()`` writes the
+single-process layout (a collective then), so checkpoints do not depend on the number of ranks.
+A sharded run equals the single-process run bit for bit with torch's layout, ``fp32`` and
+block-aligned ``int8`` shards; ``bf16`` shards round with bits of their own (:func:`shard_rng`:
+indexing one stream by global element position would need the rounding kernels to take an
+offset), so they match in distribution only.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -48,7 +61,7 @@ import torch
 from torch import Tensor
 
 from adamkit.formats import FORMATS, QuantizedFormat, StateFormat, Storage, bf16, get_format
-from adamkit.formats.base import STATE_DICT_VERSION
+from adamkit.formats.base import SIGNED_ROLES, STATE_DICT_VERSION
 from adamkit.kernels.stored import check_state, resolve_stored_impl
 
 __all__ = [
@@ -66,6 +79,7 @@ __all__ = [
     "new_rng",
     "numpy_view",
     "parse_entry",
+    "parse_live_entry",
     "round_to_bf16_",
     "saved_rng",
     "scale_key",
@@ -76,7 +90,22 @@ __all__ = [
 ]
 
 FORMAT_KEY = "state_format"
-"""Per-parameter state key naming the format of a compressed entry (absent: torch's layout)."""
+"""Per-parameter state key naming the format of a compressed entry (absent: torch's layout).  The
+live state (``optimizer.state[p]``) holds the name; ``state_dict()`` writes its number from
+:data:`FORMAT_CODES`."""
+
+FORMAT_CODES: dict[str, int] = {
+    "fp32": 1,
+    "bf16": 2,
+    "int8": 3,
+    "int8-companded": 4,
+    "int8-blockwise": 5,
+}
+"""How ``state_dict()`` writes ``state_format``: a number, because the flattened optimizer state
+dicts of ``torch.distributed.checkpoint`` (``flatten_optimizer_state_dict=True``) hold only
+tensors, ints, floats and dicts.  A number is never reused for another format.  Loading accepts
+the number or the name (checkpoints written before the numbers hold names); a format without a
+number here is written by name."""
 
 ROLES: tuple[str, ...] = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -85,6 +114,20 @@ PARAM_ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
 updates below half a bf16 spacing of the parameter (2**-9 relative) are lost;
 ``"stochastic"``: the new value is computed in float32 and rounded up or down with the
 probabilities that make it unbiased, so many tiny updates add up on average."""
+
+
+def format_name(value: Any, where: str = "state") -> str:
+    """The registered format named by a saved ``state_format``: a name or a number of
+    :data:`FORMAT_CODES`.  ``ValueError`` naming ``where`` for anything else."""
+    if isinstance(value, str) and value in FORMATS and value != "native":
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        for name, code in FORMAT_CODES.items():
+            if code == value and name in FORMATS:
+                return name
+    known = ", ".join(repr(k) for k in FORMATS if k != "native")
+    codes = ", ".join(f"{c} for {n!r}" for n, c in FORMAT_CODES.items() if n in FORMATS)
+    raise ValueError(f"{where}: unknown state format {value!r} (known: {known}; numbers {codes})")
 
 
 def scale_key(role: str) -> str:
@@ -170,17 +213,29 @@ def _tensors_of(storage: Storage, shape: tuple[int, ...]) -> dict[str, Tensor]:
     }
 
 
-def new_entry(fmt: StateFormat, shape: tuple[int, ...], step: Tensor, amsgrad: bool) -> dict:
-    """Zero state for a parameter of ``shape`` in ``fmt`` (CPU tensors), with ``step``."""
+def _zero_moment(fmt: StateFormat, role: str, param: Tensor) -> dict[str, Tensor]:
+    if not is_dtensor(param):
+        shape = tuple(param.shape)
+        return _tensors_of(fmt.zeros(shape, np.float32, role=role), shape)
+    local = tuple(param.to_local().shape)
+    out = _tensors_of(shard_format(fmt, tuple(param.shape)).zeros(local, role=role), local)
+    out[role] = as_dtensor(out[role], param)
+    return out
+
+
+def new_entry(fmt: StateFormat, param: Tensor, step: Tensor, amsgrad: bool) -> dict:
+    """Zero state for ``param`` in ``fmt`` (CPU tensors), with ``step``.  A DTensor parameter
+    gets moments laid out like it and block scales over its local shard (see
+    :func:`shard_format`)."""
     entry: dict[str, Any] = {"step": step, FORMAT_KEY: fmt.name}
     for role in ROLES[: 3 if amsgrad else 2]:
-        entry.update(_tensors_of(fmt.zeros(shape, np.float32, role=role), shape))
+        entry.update(_zero_moment(fmt, role, param))
     return entry
 
 
-def add_moment(fmt: StateFormat, entry: dict[str, Any], role: str, shape: tuple[int, ...]) -> None:
+def add_moment(fmt: StateFormat, entry: dict[str, Any], role: str, param: Tensor) -> None:
     """Add a zero ``role`` moment to ``entry`` (AMSGrad switched on mid-run: ``max(0, v) = v``)."""
-    entry.update(_tensors_of(fmt.zeros(shape, np.float32, role=role), shape))
+    entry.update(_zero_moment(fmt, role, param))
 
 
 # -- parsing, validation and conversion of saved entries -----------------------------------------
@@ -247,16 +302,21 @@ def parse_entry(
     dtype: torch.dtype | None,
     amsgrad: bool,
     where: str,
+    global_shape: tuple[int, ...] | None = None,
 ) -> ParsedEntry | None:
     """Validate one saved per-parameter entry for a parameter of ``shape`` and ``dtype``.
 
     ``None`` for an empty entry.  Torch's layout (no ``state_format``): moments must be tensors of
     the parameter's shape and, unless ``dtype`` is ``None``, its dtype (``ValueError``: torch
-    would cast silently).  A compressed entry must name a registered format and hold exactly its
+    would cast silently).  A compressed entry must name a registered format (by name or number,
+    :func:`format_name`) and hold exactly its
     tensors, of the parameter's shape, with codes, scales and bits that the format's
     ``from_state_dict`` accepts (code dtype and range, one finite scale >= 0 per block, ...).
     ``max_exp_avg_sq`` must be present when ``amsgrad``.  Raises ``ValueError``/``TypeError``
-    prefixed by ``where``; copies what it keeps and modifies nothing.
+    prefixed by ``where``; copies what it keeps and modifies nothing.  ``global_shape``: for the
+    local shard of a DTensor parameter (``shape`` is then the shard's), the whole parameter's
+    shape, which decides the encoding (see :func:`shard_format`); the entry then holds plain
+    tensors of the shard (:func:`local_saved_entry`).
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"{where}: state must be a dict, got {type(state).__name__}")
@@ -285,16 +345,23 @@ def parse_entry(
                 )
             moments[role] = value
         return ParsedEntry(None, state["step"], moments)
-    if not isinstance(name, str) or name not in FORMATS or name == "native":
-        known = ", ".join(repr(k) for k in FORMATS if k != "native")
-        raise ValueError(f"{where}: unknown state format {name!r} (known: {known})")
-    fmt = FORMATS[name]
+    name = format_name(name, where)
+    fmt = FORMATS[name] if global_shape is None else shard_format(FORMATS[name], global_shape)
     allowed = {"step", FORMAT_KEY, *roles, *(scale_key(r) for r in roles)}
     extra = sorted(map(str, set(state) - allowed))
     if extra:
         raise ValueError(f"{where}: unexpected entries {extra} in {name!r} state")
     storages = {role: _saved_storage(fmt, state, role, shape, where) for role in roles}
     return ParsedEntry(name, state["step"], storages)  # type: ignore[arg-type]
+
+
+def parse_live_entry(state: Mapping[str, Any], param: Tensor, where: str) -> ParsedEntry | None:
+    """:func:`parse_entry` for ``param``'s own live state (a DTensor's: its local shard, block
+    scales over the shard), whatever its dtypes."""
+    if is_dtensor(param):
+        local = tuple(param.to_local().shape)
+        return parse_entry(local_tensors(state), local, None, False, where, tuple(param.shape))
+    return parse_entry(state, tuple(param.shape), None, False, where)
 
 
 def _values(entry: ParsedEntry, role: str) -> np.ndarray:
@@ -316,8 +383,18 @@ def convert_entry(
 
     Same format: the validated copies are used as they are (exact).  Otherwise each moment is
     decoded to float32 and stored in ``target`` (``rng`` for stochastic rounding).  Raises
-    ``ValueError`` when ``target`` cannot hold the values (non-finite into ``int8``).
+    ``ValueError`` when ``target`` cannot hold the values (non-finite into ``int8``).  For a
+    DTensor ``param`` the entry holds its local shard (:func:`local_saved_entry`) and the result
+    is laid out like ``param``.
     """
+    if is_dtensor(param):
+        local = param.to_local()
+        target_local = None if target is None else shard_format(target, tuple(param.shape))
+        out = convert_entry(entry, local, target_local, step, rng)
+        for role in ROLES:
+            if role in out:
+                out[role] = as_dtensor(out[role], param)
+        return out
     shape = tuple(param.shape)
     out: dict[str, Any] = {"step": step}
     if target is not None:
@@ -369,6 +446,344 @@ def dense_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return {**state_dict, "state": state}
 
 
+# -- DTensor parameters (FSDP2): local shards, and the state dict's whole-tensor layout ----------
+#
+# The step is elementwise, so a DTensor parameter is updated through its local shard: its moments
+# are DTensors laid out like it (codes, bf16 bits and float32 moments have the parameter's shape),
+# and block-quantized moments keep their block scales over the *local* shard, as a plain tensor of
+# ceil(local size / block) scales per rank.  Which format a parameter gets is decided on the whole
+# (global) shape, so every rank agrees and the choice is the single-process one; a local shard
+# below a quantized format's size threshold is quantized all the same (shard_format).
+#
+# The per-rank scales are no DTensor (DTensor shards follow torch.chunk, per-rank block counts do
+# not), so state_dict() writes the single-process layout instead (export_state_dict): codes as a
+# DTensor like the parameter and the scales of the whole tensor's blocks, block j covering flat
+# elements [j * block, (j + 1) * block), as a plain tensor equal on every rank.  That makes the
+# state dict independent of the number of ranks (DCP reshards it to any world size) and equal to
+# the single-process one.  A local shard is *block-aligned* when it is a flat range [o, o + n) of
+# the whole tensor with o a multiple of the block and n too (or the range reaching the end):
+# its blocks are then whole-tensor blocks, and both directions are exact.  For dim-0 sharding of
+# an (R, C) tensor that is rows_per_shard * C a multiple of 256 on every rank but the last.
+# Otherwise the blocks that straddle shards are re-quantized (decode, then encode with the other
+# blocks), at most half a code gap of the new block's maximum per value each way.
+
+
+def dtensor_type() -> type | None:
+    """``torch.distributed.tensor.DTensor``, or ``None`` when it was never imported (then no
+    DTensor can exist, and nothing is imported here)."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 parameter, its gradient or state)."""
+    dtensor = dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+class ShardLayout(NamedTuple):
+    """Where the local shard of a DTensor sits in the whole tensor: ``local_shape``, ``offset``
+    (per dimension) and ``flat_offset``, the index of its first element in the flattened whole
+    tensor when the shard is a contiguous flat range of it (sharded along dim 0 only), else
+    ``None``."""
+
+    global_shape: tuple[int, ...]
+    local_shape: tuple[int, ...]
+    offset: tuple[int, ...]
+    flat_offset: int | None
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.global_shape)
+
+    @property
+    def local_size(self) -> int:
+        return math.prod(self.local_shape)
+
+
+def shard_layout(p: Tensor) -> ShardLayout:
+    """The :class:`ShardLayout` of the DTensor ``p`` on this rank."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    global_shape = tuple(p.shape)
+    local_shape = tuple(p.to_local().shape)
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    offset = tuple(int(o) for o in offset)
+    flat = None
+    if not global_shape:
+        flat = 0
+    elif local_shape[1:] == global_shape[1:] or math.prod(local_shape) == 0:
+        flat = offset[0] * math.prod(global_shape[1:]) if math.prod(local_shape) else 0
+    return ShardLayout(global_shape, local_shape, offset, flat)
+
+
+_ANY_SIZE: dict[int, tuple[QuantizedFormat, QuantizedFormat]] = {}
+
+
+def _quantize_any_size(fmt: QuantizedFormat) -> QuantizedFormat:
+    # Keyed by identity (formats are registered once; their fields need not be hashable), with
+    # the format itself kept alive so the id stays its own.
+    if id(fmt) not in _ANY_SIZE:
+        _ANY_SIZE[id(fmt)] = (fmt, dataclasses.replace(fmt, min_size=0))
+    return _ANY_SIZE[id(fmt)][1]
+
+
+def shard_format(fmt: StateFormat, global_shape: tuple[int, ...]) -> StateFormat:
+    """The format that stores a local shard of a parameter of ``global_shape`` in ``fmt``: ``fmt``
+    itself, except that a quantized format quantizes every shard of a parameter whose whole size
+    reaches its threshold (``min_size``), however small the shard (same name, same storages)."""
+    if isinstance(fmt, QuantizedFormat) and math.prod(global_shape) >= fmt.min_size:
+        return _quantize_any_size(fmt)
+    return fmt
+
+
+def local_tensors(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with every DTensor replaced by its local tensor (sharing memory)."""
+    return {k: v.to_local() if is_dtensor(v) else v for k, v in state.items()}
+
+
+def as_dtensor(local: Tensor, like: Tensor) -> Tensor:
+    """A DTensor with local tensor ``local`` (shared) laid out like the DTensor ``like``."""
+    return type(like).from_local(
+        local,
+        like.device_mesh,
+        like.placements,
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )
+
+
+def check_shard_layout(p: Tensor, fmt: StateFormat, where: str) -> None:
+    """Raise unless the DTensor ``p`` can keep state in ``fmt``: ``NotImplementedError`` for
+    block-quantized state on a shard that is no flat range of the whole tensor (sharded along a
+    dim other than 0), ``ValueError`` for partial placements or a gradient laid out otherwise."""
+    if any(placement.is_partial() for placement in p.placements):
+        raise ValueError(f"{where}: a DTensor parameter with partial placements {p.placements}")
+    if (
+        isinstance(fmt, QuantizedFormat)
+        and len(p.shape) >= 2
+        and math.prod(p.shape) >= fmt.min_size
+        and shard_layout(p).flat_offset is None
+    ):
+        raise NotImplementedError(
+            f"{where}: state={fmt.name!r} quantizes blocks of a flat range of the parameter and "
+            f"needs DTensors sharded along dim 0 only, got {p.placements}"
+        )
+    grad = p.grad
+    if grad is not None and (not is_dtensor(grad) or grad.placements != p.placements):
+        layout = grad.placements if is_dtensor(grad) else type(grad).__name__
+        raise ValueError(
+            f"{where}: a DTensor parameter is updated shard by shard and needs its gradient laid "
+            f"out the same way; the parameter has {p.placements}, the gradient {layout}"
+        )
+
+
+def shard_rng(rng: np.random.Generator, p: Tensor) -> np.random.Generator:
+    """The generator that rounds the local shard of the DTensor ``p`` for one step: seeded by one
+    draw of ``rng`` (so ``rng`` advances alike on every rank, whatever the shard sizes) and the
+    shard's offset (shards draw different bits, replicas of a shard the same)."""
+    draw = int(rng.integers(0, 2**63))
+    return np.random.default_rng([draw, *shard_layout(p).offset])
+
+
+def _block_span(layout: ShardLayout, block: int) -> tuple[int, int, int, bool]:
+    """``(j0, j1, start, aligned)``: whole-tensor blocks ``j0 .. j1 - 1`` overlap the shard,
+    whose first element sits at ``start`` in them; ``aligned`` as in the section comment."""
+    o, n, size = layout.flat_offset, layout.local_size, layout.size
+    assert o is not None
+    if n == 0:
+        return 0, 0, 0, True
+    j0, j1 = o // block, -(-(o + n) // block)
+    aligned = o % block == 0 and (n % block == 0 or o + n == size)
+    return j0, j1, o - j0 * block, aligned
+
+
+def _span_length(layout: ShardLayout, block: int, j0: int, j1: int) -> int:
+    return min(j1 * block, layout.size) - j0 * block
+
+
+def _encoded_values(fmt: QuantizedFormat, storage: Storage) -> np.ndarray:
+    # The values the codes stand for (sqrt(v) for second moments), flat float32.
+    return fmt.codec.decode(
+        storage.arrays["codes"],
+        storage.arrays["scales"],
+        (storage.size,),
+        fmt.block,
+        storage.signed,
+    )
+
+
+def _local_storage(fmt: QuantizedFormat, role: str, codes: Tensor, scales: Tensor) -> Storage:
+    shape = tuple(codes.shape)
+    arrays = {"codes": _host_array(codes).reshape(-1), "scales": _host_array(scales).reshape(-1)}
+    return Storage(fmt.name, fmt.name, role, shape, arrays, fmt.block)
+
+
+def _max_over_mesh(t: Tensor, like: Tensor) -> None:
+    import torch.distributed as dist
+
+    mesh = like.device_mesh
+    for dim in range(mesh.ndim):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+
+
+def _whole_blocks(
+    fmt: QuantizedFormat, role: str, p: Tensor, codes: Tensor, scales: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(codes, scales) of one moment of the DTensor ``p`` in the whole-tensor block layout (a
+    collective over ``p``'s mesh: one ``all_reduce`` of the scales)."""
+    layout = shard_layout(p)
+    block, signed = fmt.block, role in SIGNED_ROLES
+    j0, j1, start, aligned = _block_span(layout, block)
+    whole = torch.zeros(-(-layout.size // block), dtype=torch.float32)
+    local = codes.to_local()
+    storage = _local_storage(fmt, role, local, scales)
+    values = None
+    if aligned:
+        whole[j0:j1] = scales.reshape(-1)
+    else:
+        values = _encoded_values(fmt, storage)
+        span = np.zeros(_span_length(layout, block, j0, j1), dtype=np.float32)
+        span[start : start + values.size] = np.abs(values)
+        starts = np.arange(0, span.size, block)
+        whole[j0:j1] = torch.from_numpy(np.maximum.reduceat(span, starts))
+    _max_over_mesh(whole, p)
+    if values is None:
+        return codes, whole
+    # Encode this shard's values with the whole blocks' maxima: fill one slot of each block
+    # that straddles a shard boundary with that block's maximum, so the codec's absmax is it.
+    span = np.zeros(_span_length(layout, block, j0, j1), dtype=np.float32)
+    span[start : start + values.size] = values
+    maxima = whole[j0:j1].numpy()
+    if start > 0:
+        span[0] = maxima[0]
+    end = start + values.size
+    if end < span.size:
+        span[-1] = maxima[-1]
+    new_codes, _ = fmt.codec.encode(span, block, signed, keep_nonzero=not signed)
+    out = torch.from_numpy(np.ascontiguousarray(new_codes[start:end])).reshape(local.shape)
+    return as_dtensor(out, p), whole
+
+
+def _shard_blocks(
+    fmt: QuantizedFormat, role: str, layout: ShardLayout, codes: Tensor, whole: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The inverse of :func:`_whole_blocks` on one rank, without communication: local
+    ``codes`` and the whole tensor's block ``scales`` -> (codes, scales) over the shard."""
+    block, signed = fmt.block, role in SIGNED_ROLES
+    j0, j1, start, aligned = _block_span(layout, block)
+    maxima = _host_array(whole).reshape(-1)[j0:j1]
+    if aligned:
+        return codes, torch.from_numpy(np.array(maxima, dtype=np.float32))
+    span = np.full(
+        _span_length(layout, block, j0, j1),
+        fmt.codec.zero_code(signed),
+        dtype=fmt.codec.code_dtype(signed),
+    )
+    flat = _host_array(codes).reshape(-1)
+    span[start : start + flat.size] = flat
+    values = fmt.codec.decode(span, maxima, (span.size,), block, signed)[start : start + flat.size]
+    new_codes, new_scales = fmt.codec.encode(values, block, signed, keep_nonzero=not signed)
+    return (
+        torch.from_numpy(np.ascontiguousarray(new_codes)).reshape(codes.shape),
+        torch.from_numpy(np.ascontiguousarray(new_scales)),
+    )
+
+
+def whole_tensor_entry(entry: dict[str, Any], p: Tensor) -> dict[str, Any]:
+    """The live entry ``entry`` (a new dict of it, named format) of the DTensor parameter ``p``
+    with block-quantized moments in the whole-tensor block layout (a collective over ``p``'s
+    mesh; see the section comment); other entries are returned as they are."""
+    name = entry[FORMAT_KEY]
+    fmt = FORMATS[name]
+    if not isinstance(fmt, QuantizedFormat):
+        return entry
+    for role in ROLES:
+        key = scale_key(role)
+        if key in entry:
+            entry[role], entry[key] = _whole_blocks(fmt, role, p, entry[role], entry[key])
+    return entry
+
+
+def export_state_dict(
+    optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]
+) -> dict[str, Any]:
+    """What an adamkit optimizer's ``state_dict()`` returns, from torch's: every compressed
+    entry copied with ``state_format`` as its number (:data:`FORMAT_CODES`), and for DTensor
+    parameters block-quantized moments in the whole-tensor block layout (see the section comment;
+    a collective over the parameter's mesh, so every rank must call ``state_dict()``).  Live
+    tensors are shared, never modified."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for index, entry in state_dict["state"].items():
+        if isinstance(entry, Mapping) and isinstance(entry.get(FORMAT_KEY), str):
+            name = entry[FORMAT_KEY]
+            entry = dict(entry)
+            p = params[index] if isinstance(index, int) and 0 <= index < len(params) else None
+            if p is not None and is_dtensor(p):
+                entry = whole_tensor_entry(entry, p)
+            entry[FORMAT_KEY] = FORMAT_CODES.get(name, name)
+        state[index] = entry
+    return {**state_dict, "state": state}
+
+
+def live_entry(state: Mapping[str, Any], p: Tensor, where: str) -> dict[str, Any]:
+    """The inverse of :func:`whole_tensor_entry` for the DTensor ``p`` (no communication):
+    moments as DTensors laid out like ``p``, block scales over this rank's shard."""
+    out = local_saved_entry(state, p, where)
+    for role in ROLES:
+        if isinstance(out.get(role), Tensor) and not is_dtensor(out[role]):
+            out[role] = as_dtensor(out[role].contiguous(), p)
+    return out
+
+
+def local_saved_entry(state: Any, p: Tensor, where: str) -> Any:
+    """A saved entry for the DTensor parameter ``p`` (``export_state_dict``'s layout: moments as
+    DTensors laid out like ``p``, or as whole plain tensors; block scales of the whole tensor) as
+    plain tensors of this rank's shard, with the scales over the shard: exact for a
+    block-aligned shard, re-quantized otherwise.  Anything it cannot place is left for
+    :func:`parse_entry` to refuse; ``ValueError`` for a DTensor laid out unlike ``p``."""
+    if not isinstance(state, Mapping):
+        return state
+    layout = shard_layout(p)
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if is_dtensor(value):
+            if value.placements != p.placements or tuple(value.shape) != layout.global_shape:
+                raise ValueError(
+                    f"{where}: {key} is a DTensor {tuple(value.shape)} {value.placements}, the "
+                    f"parameter {layout.global_shape} {p.placements}"
+                )
+            value = value.to_local()
+        elif (
+            key in ROLES and isinstance(value, Tensor) and tuple(value.shape) == layout.global_shape
+        ):
+            index = tuple(
+                slice(o, o + n) for o, n in zip(layout.offset, layout.local_shape, strict=True)
+            )
+            value = value[index]
+        out[key] = value
+    name = out.get(FORMAT_KEY)
+    try:
+        fmt = FORMATS[format_name(name, where)] if name is not None else None
+    except ValueError:
+        return out  # parse_entry refuses it with the same words
+    if not isinstance(fmt, QuantizedFormat) or layout.flat_offset is None:
+        return out
+    whole = -(-layout.size // fmt.block)
+    for role in ROLES:
+        key = scale_key(role)
+        codes, scales = out.get(role), out.get(key)
+        if not (isinstance(codes, Tensor) and isinstance(scales, Tensor)):
+            continue
+        if scales.numel() != whole or tuple(codes.shape) != layout.local_shape:
+            continue
+        if _host_array(codes).dtype != fmt.codec.code_dtype(role in SIGNED_ROLES):
+            continue
+        out[role], out[key] = _shard_blocks(fmt, role, layout, codes, scales)
+    return out
+
+
 # -- parameters and accounting -------------------------------------------------------------------
 
 
@@ -382,10 +797,11 @@ def round_to_bf16_(param: Tensor, values: np.ndarray, rng: np.random.Generator) 
 
 def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of memory held by the tensors in ``optimizer.state`` (each storage counted once,
-    whole: what the allocator holds, not what the views show), ``step`` tensors included."""
+    whole: what the allocator holds, not what the views show), ``step`` tensors included; a
+    DTensor counts its local shard."""
     seen: dict[tuple[str, int], int] = {}
     for entry in optimizer.state.values():
-        for value in entry.values():
+        for value in local_tensors(entry).values():
             if isinstance(value, Tensor):
                 storage = value.untyped_storage()
                 seen[(str(value.device), storage.data_ptr())] = storage.nbytes()
@@ -464,14 +880,13 @@ def stored_impl(impl: str, state: str) -> str:
 
 
 def check_stored_params(state: str, impl: str, params: Sequence[Tensor]) -> None:
-    """Raise unless a group with ``state`` can update ``params`` with ``impl``."""
-    resolve_stored_impl(stored_impl(impl, state), get_format(state))
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    """Raise unless a group with ``state`` can update ``params`` with ``impl`` (DTensors: see
+    :func:`check_shard_layout`)."""
+    fmt = get_format(state)
+    resolve_stored_impl(stored_impl(impl, state), fmt)
     for p in params:
-        if dtensor is not None and isinstance(p, dtensor):
-            raise NotImplementedError(
-                f"state={state!r} does not support DTensor parameters (FSDP2) yet; use state=None"
-            )
+        if is_dtensor(p):
+            check_shard_layout(p, fmt, f"state={state!r}")
         if p.device.type != "cpu":
             raise NotImplementedError(
                 f"state={state!r} needs CPU tensors for now, got a parameter on {p.device}; use "

@@ -343,6 +343,10 @@ class Adam(torch.optim.Optimizer):
         parameter rounding, ``"state_rng"`` (the generator's state).  Compressed moments are
         saved in their compact form (see :mod:`adamkit.torch.state_dict`)."""
         state_dict = super().state_dict()
+        if isinstance(state_dict, dict):
+            # state_format as a number, DTensor block scales over the whole tensor (a collective
+            # under FSDP2 with block-quantized state): see adamkit.torch.formats.
+            state_dict = tf.export_state_dict(self, state_dict)
         if self._guard is not None and isinstance(state_dict, dict):
             state_dict["guard"] = self._guard.state_dict()
         if self._uses_rng() and isinstance(state_dict, dict):
@@ -490,20 +494,20 @@ class Adam(torch.optim.Optimizer):
         # The entry exists in another format (the group's state was changed, or a snapshot of
         # another format was restored): re-encode it in place.
         state = self.state[p]
-        parsed = tf.parse_entry(state, tuple(p.shape), None, False, "optimizer state")
+        parsed = tf.parse_live_entry(state, p, "optimizer state")
         new = tf.convert_entry(parsed, p, target, state["step"], self._format_rng)
         state.clear()
         state.update(new)
 
     def _stored_state_for(self, p: Tensor, fmt: StateFormat, amsgrad: bool) -> dict[str, Any]:
+        # A DTensor parameter (FSDP2) gets state laid out like it (see adamkit.torch.formats).
         state = self.state[p]
-        shape = tuple(p.shape)
         if len(state) == 0:
-            state.update(tf.new_entry(fmt, shape, step_tensor(0.0), amsgrad))
+            state.update(tf.new_entry(fmt, p, step_tensor(0.0), amsgrad))
         elif state.get(tf.FORMAT_KEY) != fmt.name:
             self._convert_state(p, fmt)
         if amsgrad and "max_exp_avg_sq" not in state:
-            tf.add_moment(fmt, state, "max_exp_avg_sq", shape)
+            tf.add_moment(fmt, state, "max_exp_avg_sq", p)
         return state
 
     def _state_for(self, p: Tensor, amsgrad: bool) -> dict[str, Tensor]:
@@ -608,11 +612,11 @@ class Adam(torch.optim.Optimizer):
             if not tables:
                 prepared.append(None)
                 continue
-            taken = [params[i] for j, i in enumerate(ready)]
             if rejected:
                 dropped = set(rejected)
                 rest = sorted(rest + [ready[j] for j in rejected])
-                taken = [params[i] for j, i in enumerate(ready) if j not in dropped]
+                ready = [i for j, i in enumerate(ready) if j not in dropped]
+            taken = [params[i] for i in ready]
             prepared.append((tables, rest, taken))
         return prepared
 
@@ -774,29 +778,40 @@ class Adam(torch.optim.Optimizer):
             maximize=group["maximize"],
         )
         position = {id(p): i for i, p in enumerate(group["params"])}
-        buckets: dict[str, tuple[StateFormat, list[tuple[Any, ...]]]] = {}
+        stochastic = group["param_rounding"] == "stochastic"
+        # Rows by format and generator: the local shard of a DTensor parameter (FSDP2) rounds
+        # with a generator of its own (tf.shard_rng), so self._format_rng advances alike on
+        # every rank whatever the shard sizes.
+        buckets: dict[tuple[int, int], tuple[StateFormat, Any, list[tuple[Any, ...]]]] = {}
         finished = []
         for p, g in zip(params, grads, strict=True):
             fmt = self._target_format(group, p, position[id(p)])
             assert fmt is not None  # a group with a state format
             state = self._stored_state_for(p, fmt, amsgrad)
+            view, rng = state, self._format_rng
+            if tf.is_dtensor(p):
+                # Chosen on the whole shape above, stored over the local shard.
+                fmt = tf.shard_format(fmt, tuple(p.shape))
+                if fmt.needs_rng or (stochastic and p.dtype == torch.bfloat16):
+                    rng = tf.shard_rng(self._format_rng, p)
+                p, g, view = p.to_local(), g.to_local(), tf.local_tensors(state)
             shape = tuple(p.shape)
-            moments = [tf.storage_of(fmt, state, role, shape) for role in tf.ROLES[:2]]
-            moments.append(tf.storage_of(fmt, state, tf.ROLES[2], shape) if amsgrad else None)
+            moments = [tf.storage_of(fmt, view, role, shape) for role in tf.ROLES[:2]]
+            moments.append(tf.storage_of(fmt, view, tf.ROLES[2], shape) if amsgrad else None)
             if p.dtype in _WORK_DTYPES:
                 work, grad, wide = tf.numpy_view(p), tf.numpy_view(g), None
             else:
                 wide = p.detach().float()
                 work, grad = tf.numpy_view(wide), tf.numpy_view(g.float())
             row = (work, grad, *moments, int(state["step"].item()) + 1)
-            buckets.setdefault(fmt.name, (fmt, []))[1].append(row)
-            finished.append((p, wide, state))
+            buckets.setdefault((id(fmt), id(rng)), (fmt, rng, []))[2].append(row)
+            finished.append((p, wide, state, rng))
         factors: list[float] = []
         impl = tf.stored_impl(group["impl"], group["state"])
-        for fmt, rows in buckets.values():
+        for fmt, rng, rows in buckets.values():
             columns = [list(column) for column in zip(*rows, strict=True)]
             if plan is None or plan.update_clip is None:
-                adam_update_stored_(fmt, *columns, hp, rng=self._format_rng, impl=impl)
+                adam_update_stored_(fmt, *columns, hp, rng=rng, impl=impl)
                 continue
             factors.extend(
                 update_through_(
@@ -804,17 +819,16 @@ class Adam(torch.optim.Optimizer):
                     clipped_adam_update_,
                     *columns,
                     hp,
-                    rng=self._format_rng,
+                    rng=rng,
                     **_clip_options(plan),
                 )
             )
-        stochastic = group["param_rounding"] == "stochastic"
-        for p, wide, state in finished:
+        for p, wide, state, rng in finished:
             state["step"] += 1
             if wide is None:
                 continue
             if stochastic and p.dtype == torch.bfloat16:
-                tf.round_to_bf16_(p, tf.numpy_view(wide), self._format_rng)
+                tf.round_to_bf16_(p, tf.numpy_view(wide), rng)
             else:
                 p.copy_(wide)
         return factors

@@ -15,10 +15,16 @@ key                meaning                                       dtype / shape /
 =================  ===========================================  ==============================
 
 That is the layout of ``state=None`` (the default).  With a state format (``state="fp32"``,
-``"bf16"``, ``"int8"``) an entry also holds ``state_format`` (the format's name) and the moments
-in that format's compact form, codes and ``<key>_scale`` tensors for ``int8`` (the table is in
+``"bf16"``, ``"int8"``) an entry also holds ``state_format`` and the moments in that format's
+compact form, codes and ``<key>_scale`` tensors for ``int8`` (the table is in
 :mod:`adamkit.torch.formats`); the state dict then has a top-level ``"state_rng"``, the state of
-the generator behind stochastic rounding, so that resuming is exact.  Loading converts every
+the generator behind stochastic rounding, so that resuming is exact.  ``state_format`` is the
+format's name in the live state and its number (:data:`adamkit.torch.formats.FORMAT_CODES`: 1
+``fp32``, 2 ``bf16``, 3 ``int8``, 4 ``int8-companded``) in ``state_dict()``, because the flattened
+state dicts of ``torch.distributed.checkpoint`` hold no strings; loading takes either.  Under
+FSDP2 (DTensor parameters) the state dict holds the single-process layout whatever the number of
+ranks (moments as DTensors, ``int8`` block scales of the whole tensor), see
+:mod:`adamkit.torch.formats`.  Loading converts every
 entry to the format this optimizer gives its parameter (from torch's layout, from another
 format, or back), whatever the checkpoint's groups say: ``state`` and ``param_rounding`` are
 settings of the optimizer (:data:`OPTIMIZER_KEYS`).  :func:`adamkit.torch.formats.dense_state_dict`
@@ -49,7 +55,13 @@ from typing import Any, NamedTuple
 import torch
 
 from adamkit.torch._groups import check_group
-from adamkit.torch.formats import ParsedEntry, check_state_options, parse_entry
+from adamkit.torch.formats import (
+    ParsedEntry,
+    check_state_options,
+    is_dtensor,
+    local_saved_entry,
+    parse_entry,
+)
 
 __all__ = [
     "ADAMKIT_GROUP_KEYS",
@@ -104,7 +116,13 @@ def _step_number(value: Any, where: str) -> float:
 def _check_param_state(
     param: torch.Tensor, state: Any, amsgrad: bool, where: str
 ) -> ParsedEntry | None:
-    parsed = parse_entry(state, tuple(param.shape), param.dtype, amsgrad, where)
+    if is_dtensor(param):
+        # FSDP2: validated and converted on this rank's shard (see adamkit.torch.formats).
+        local = local_saved_entry(state, param, where)
+        shape = tuple(param.to_local().shape)
+        parsed = parse_entry(local, shape, param.dtype, amsgrad, where, tuple(param.shape))
+    else:
+        parsed = parse_entry(state, tuple(param.shape), param.dtype, amsgrad, where)
     if parsed is not None:
         _step_number(parsed.step, where)
     return parsed
