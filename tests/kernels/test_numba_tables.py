@@ -210,3 +210,41 @@ def test_arrays_entry_point_refuses_before_changing_anything():
         for a, b in zip(a_row, b_row, strict=True):
             if b is not None:
                 np.testing.assert_array_equal(a, b)
+
+
+def test_sum_squares_does_not_depend_on_the_thread_count():
+    rng = seeded_rng("tables-sum-threads")
+    blocks = [rng.standard_normal(s).astype(np.float32) for s in [(200_000,), (70_001,)]]
+    addresses = np.array([b.ctypes.data for b in blocks], dtype=np.int64)
+    sizes = np.array([b.size for b in blocks], dtype=np.int64)
+    totals = []
+    for threads in (1, 2):
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        try:
+            totals.append(numba_tables.sum_squares(addresses, sizes, np.dtype(np.float32)))
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert totals[0] == totals[1]
+
+
+def test_overlapping_rows_are_detected():
+    a = np.zeros(100, dtype=np.float32)
+    b = np.zeros(100, dtype=np.float32)
+    base = [x.ctypes.data for x in (a, b)]
+    sizes = np.array([50, 50], dtype=np.int64)
+
+    def table(*rows):
+        return np.array(rows, dtype=np.int64)
+
+    g = np.zeros(100, dtype=np.float32).ctypes.data
+    m = np.zeros(400, dtype=np.float32).ctypes.data
+    apart = table([base[0], g, m, m + 400, 0], [base[1], g + 200, m + 800, m + 1200, 0])
+    assert not numba_tables._overlapping(apart, sizes, 4, False)
+    twice = table([base[0], g, m, m + 400, 0], [base[0], g + 200, m + 800, m + 1200, 0])
+    assert numba_tables._overlapping(twice, sizes, 4, False)
+    halfway = table([base[0], g, m, m + 400, 0], [base[0] + 100, g + 200, m + 800, m + 1200, 0])
+    assert numba_tables._overlapping(halfway, sizes, 4, False)
+    read_twice = table([base[0], g, m, m + 400, 0], [base[1], g, m + 800, m + 1200, 0])
+    assert not numba_tables._overlapping(read_twice, sizes, 4, False)  # grads are only read
+    read_written = table([base[0], g, m, m + 400, 0], [base[1], base[0], m + 800, m + 1200, 0])
+    assert numba_tables._overlapping(read_written, sizes, 4, False)

@@ -242,3 +242,117 @@ def test_update_norms_measured_by_the_kernel_match_a_copy(guard):
         diag = opt.guard_diagnostics
         assert diag["update_norm"] == pytest.approx(expected_change, rel=1e-6), f"seed {seed}"
         assert diag["param_norm"] == pytest.approx(expected_norm, rel=1e-6), f"seed {seed}"
+
+
+# -- what a review of the raw-address path found (each used to crash, race or go stale) -------
+
+
+def test_rows_of_mismatched_size_device_or_negation_are_not_tabled():
+    t = torch.randn(8)
+    step = torch.tensor(2.0)
+    rows = [
+        (t, torch.randn(8), torch.zeros(8), torch.zeros(8), None, step),  # fine
+        (t, torch.randn(4), torch.zeros(8), torch.zeros(8), None, step),  # short gradient
+        (t, torch.randn(8), torch.zeros(9), torch.zeros(8), None, step),  # long moment
+        (t, torch.randn(8), torch.zeros(8, device="meta"), torch.zeros(8), None, step),
+        (t, torch.randn(8), torch.zeros(8), torch.zeros(8), torch.zeros(3), step),
+        (t, torch.randn(8), torch.zeros(8), torch.zeros(8), None, torch.zeros(0)),  # no count
+        (t, torch.randn(8), torch._neg_view(torch.zeros(8)), torch.zeros(8), None, step),
+    ]
+    tables, rejected = _addresses.param_tables(rows)
+    assert len(tables[torch.float32][0]) == 1
+    assert rejected == [1, 2, 3, 4, 5, 6]
+
+
+def test_resized_parameter_data_is_refused_like_the_reference():
+    p = torch.nn.Parameter(torch.randn(16))
+    opt = at.Adam([p], guard=False)
+    p.grad = torch.randn(16)
+    opt.step()
+    p.data = torch.randn(64)  # model surgery after the state exists
+    p.grad = torch.randn(64)
+    with pytest.raises((ValueError, RuntimeError, TypeError)):
+        opt.step()
+
+
+def test_global_norm_keeps_temporaries_alive():
+    from adamkit.torch.guarded import global_norm
+
+    norm = global_norm(torch.full((1 << 16,), 2.0) for _ in range(3))
+    assert norm == pytest.approx(2.0 * math.sqrt(3 * (1 << 16)))
+
+
+def test_a_parameter_listed_twice_gives_the_same_result_on_any_thread_count():
+    import numba
+
+    seed = fresh_seed()
+    results = []
+    threads_before = torch.get_num_threads()
+    for threads in (1, 2):
+        gen = torch.Generator().manual_seed(seed)
+        p = torch.nn.Parameter(torch.randn(100_000, generator=gen))
+        q = torch.nn.Parameter(torch.randn(50_000, generator=gen))
+        with pytest.warns(UserWarning, match="duplicate"):
+            opt = at.Adam([p, q, p], guard=False)
+        torch.set_num_threads(threads)
+        try:
+            for _ in range(3):
+                p.grad = torch.randn(p.shape, generator=gen)
+                q.grad = torch.randn(q.shape, generator=gen)
+                opt.step()
+                assert numba.get_num_threads() == min(threads, numba.config.NUMBA_NUM_THREADS)
+        finally:
+            torch.set_num_threads(threads_before)
+        results.append((p.detach().clone(), q.detach().clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True)), f"seed {seed}"
+
+
+def test_group_settings_changed_in_place_are_checked_again():
+    p = torch.nn.Parameter(torch.randn(5))
+    q = torch.nn.Parameter(torch.randn(5))
+    opt = at.Adam([{"params": [p]}, {"params": [q]}])
+    opt.param_groups[1]["betas"] = [0.9, 0.999]  # a list put into the group, kept as it is
+    for t in (p, q):
+        t.grad = torch.randn(5)
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    values = [p.detach().clone(), q.detach().clone()]
+    opt.param_groups[1]["betas"][1] = 2.0  # a list changed in place
+    with pytest.raises(ValueError, match="param group 1"):
+        opt.step()
+    assert torch.equal(p, values[0]) and torch.equal(q, values[1])
+    assert str(opt.state_dict()["state"]) == str(before["state"])
+    opt.param_groups[1]["betas"] = (0.9, 0.999)
+    opt.param_groups[0]["amsgrad"] = 1  # == True, but not a bool
+    with pytest.raises(TypeError, match="param group 0"):
+        opt.step()
+
+
+def test_a_weight_decay_tensor_changed_in_place_takes_effect():
+    p = torch.nn.Parameter(torch.ones(3))
+    wd = torch.tensor(0.5)
+    opt = at.AdamW([p], lr=0.1, guard=False)
+    opt.param_groups[0]["weight_decay"] = wd  # a tensor put into the group, kept as it is
+    p.grad = torch.zeros(3)
+    opt.step()  # p *= 1 - 0.1 * 0.5
+    wd.fill_(0.0)
+    opt.step()  # no decay any more, zero gradient: p unchanged
+    assert torch.allclose(p, torch.full((3,), 0.95))
+
+
+def test_the_settings_cache_holds_one_entry_per_group():
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = at.Adam([p])
+    p.grad = torch.randn(4)
+    for _ in range(5):
+        opt.step()
+        opt.load_state_dict(opt.state_dict())
+    assert len(opt._checked) <= len(opt.param_groups)
+
+
+def test_hyper_params_validates_the_callers_values():
+    from adamkit.torch.functional import hyper_params
+
+    with pytest.raises(TypeError):
+        hyper_params(1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, "no")
+    assert hyper_params(1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, True).maximize is True

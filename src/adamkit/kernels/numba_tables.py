@@ -26,6 +26,7 @@ first (:mod:`adamkit.torch.functional`) call it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types as pytypes
 from collections.abc import Callable, Sequence
 
@@ -144,6 +145,40 @@ def _update_chunk_measured(table, sizes, rows, coefs, chunk, amsgrad, witness):
     return _change_squares(_view(table[i, PARAM], sizes[i], witness)[start:stop], old)
 
 
+@_jit()
+def _overlapping(table, sizes, itemsize, amsgrad):
+    # True when a row's written blocks (param, moments) overlap any other block of the table,
+    # or its read-only gradient overlaps a written one: rows that share memory (a parameter
+    # listed twice, tensors that are views of one storage) must then run in table order, as
+    # the per-array path would, not on several threads at once.
+    columns = 5 if amsgrad else 4  # without AMSGrad the last column repeats exp_avg_sq
+    n = table.shape[0]
+    starts = np.empty(n * columns, dtype=np.int64)
+    ends = np.empty(n * columns, dtype=np.int64)
+    written = np.empty(n * columns, dtype=np.bool_)
+    k = 0
+    for i in range(n):
+        nbytes = sizes[i] * itemsize
+        if nbytes == 0:
+            continue
+        for c in range(columns):
+            starts[k] = table[i, c]
+            ends[k] = table[i, c] + nbytes
+            written[k] = c != GRAD
+            k += 1
+    order = np.argsort(starts[:k])
+    end_written = np.iinfo(np.int64).min
+    end_any = np.iinfo(np.int64).min
+    for j in order:
+        start = starts[j]
+        if start < end_written or (written[j] and start < end_any):
+            return True
+        end_any = max(end_any, ends[j])
+        if written[j]:
+            end_written = max(end_written, ends[j])
+    return False
+
+
 def _twins(fn):
     """``(serial, parallel)`` compilations of ``fn``, whose loop is a ``prange`` (a plain
     ``range`` in the serial one).  The parallel one compiles a renamed copy, so that the two
@@ -169,7 +204,7 @@ def _update_all_measured(table, sizes, rows, coefs, chunks, amsgrad, witness):
         d2, p2 = _update_chunk_measured(table, sizes, rows, coefs, chunks[c], amsgrad, witness)
         parts[c, 0] = d2
         parts[c, 1] = p2
-    return parts.sum(axis=0)
+    return parts  # added up by the caller, in chunk order (see _squares_all)
 
 
 _measured_serial, _measured_parallel = _twins(_update_all_measured)
@@ -193,10 +228,12 @@ def _chunk_squares(addresses, sizes, chunk, witness):
 
 
 def _squares_all(addresses, sizes, chunks, witness):
+    # Per-chunk sums, added up by the caller outside the parallel region: a sum inside it
+    # would be a parallel reduction, whose order depends on the number of threads.
     parts = np.empty(chunks.shape[0], dtype=np.float64)
     for c in prange(chunks.shape[0]):
         parts[c] = _chunk_squares(addresses, sizes, chunks[c], witness)
-    return parts.sum()
+    return parts
 
 
 _squares_serial, _squares_parallel = _twins(_squares_all)
@@ -280,16 +317,16 @@ def sum_squares(addresses: np.ndarray, sizes: np.ndarray, dtype: np.dtype) -> fl
     """Sum of squares (float64 accumulation) of every element of every block.
 
     ``addresses``/``sizes``: int64 1-d arrays, one entry per block of ``dtype`` elements.
-    NaN when any element is NaN, ``inf`` when any is infinite; the order of summation is fixed
-    by the chunking, not by the number of threads.
+    NaN when any element is NaN, ``inf`` when any is infinite.  The result does not depend on
+    the number of threads (per-chunk sums, added exactly by ``math.fsum``); within a chunk the
+    additions are vectorised, so the last bits may differ between CPUs of other vector widths.
     """
     chunks = _chunks(sizes)
     if not len(chunks):
         return 0.0
     witness = _witness(np.dtype(dtype))
-    if int(sizes.sum()) >= PARALLEL_MIN_SIZE:
-        return float(_squares_parallel(addresses, sizes, chunks, witness))
-    return float(_squares_serial(addresses, sizes, chunks, witness))
+    kernel = _squares_parallel if int(sizes.sum()) >= PARALLEL_MIN_SIZE else _squares_serial
+    return math.fsum(kernel(addresses, sizes, chunks, witness))
 
 
 def adam_update_table_(
@@ -330,11 +367,13 @@ def adam_update_table_(
         )
     chunks = _chunks(sizes)
     witness = _witness(dtype)
-    parallel = int(sizes.sum()) >= PARALLEL_MIN_SIZE
+    parallel = int(sizes.sum()) >= PARALLEL_MIN_SIZE and not _overlapping(
+        table, sizes, dtype.itemsize, hp.amsgrad
+    )
     if measure:
         kernel = _measured_parallel if parallel else _measured_serial
-        d2, p2 = kernel(table, sizes, rows, coefs, chunks, hp.amsgrad, witness)
-        return float(d2), float(p2)
+        parts = kernel(table, sizes, rows, coefs, chunks, hp.amsgrad, witness)
+        return math.fsum(parts[:, 0]), math.fsum(parts[:, 1])
     kernel = _update_parallel if parallel else _update_serial
     kernel(table, sizes, rows, coefs, chunks, hp.amsgrad, witness)
     return None

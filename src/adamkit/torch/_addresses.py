@@ -3,13 +3,20 @@
 A kernel call over an address table replaces one ``tensor.numpy()`` per tensor (0.6-3 us each)
 with one ``data_ptr()`` (0.06 us); these helpers are the only place that decides which tensors
 may be handed over that way: plain (not DTensor, not sparse) CPU tensors, C-contiguous, float32
-or float64, without a lazy negation bit.  Anything else goes to the caller's general path.
+or float64, without a lazy negation bit, every tensor of a parameter's row of the parameter's
+size.  Anything else goes to the caller's general path.
+
+An address is only a number: the caller must keep every tensor whose address is in a table
+alive, unchanged in size and place, until the kernel call that uses the table has returned.
+Kernel calls here follow ``torch.get_num_threads()`` as the NumPy-view path does
+(:func:`numba_threads`), and restore torch's count afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +29,7 @@ __all__ = [
     "KERNEL_DTYPES",
     "Table",
     "grad_squares",
+    "numba_threads",
     "numpy_dtype",
     "param_tables",
     "rms_update_table_",
@@ -44,6 +52,24 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return _NUMPY[dtype]
 
 
+@contextlib.contextmanager
+def numba_threads() -> Iterator[None]:
+    """Inside, numba's thread count follows ``torch.get_num_threads()`` (capped by
+    ``NUMBA_NUM_THREADS``); torch's own count is restored on exit (starting numba's OpenMP pool
+    resets the process-wide setting torch reads: seen 1 -> 2 threads)."""
+    import numba
+
+    torch_threads = torch.get_num_threads()
+    wanted = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != wanted:
+        numba.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
+
+
 def _dtensor_type() -> type | None:
     module = sys.modules.get("torch.distributed.tensor")
     return getattr(module, "DTensor", None)
@@ -53,7 +79,8 @@ def split_blocks(
     tensors: Sequence[Tensor],
 ) -> tuple[dict[torch.dtype, tuple[np.ndarray, np.ndarray]], list[Tensor]]:
     """``({dtype: (addresses, sizes)}, rest)``: the tensors a table kernel can read, by dtype
-    (int64 arrays), and the others in order.  Empty tables when numba is not installed."""
+    (int64 arrays), and the others in order.  Empty tables when numba is not installed.  The
+    caller keeps ``tensors`` alive while the tables are used (see the module docstring)."""
     if not numba_available():
         return {}, list(tensors)
     dtensor = _dtensor_type()
@@ -86,8 +113,9 @@ def sum_squares(tables: dict[torch.dtype, tuple[np.ndarray, np.ndarray]]) -> flo
     from adamkit.kernels import numba_tables
 
     total = 0.0
-    for dtype, (addresses, sizes) in tables.items():
-        total += numba_tables.sum_squares(addresses, sizes, _NUMPY[dtype])
+    with numba_threads():
+        for dtype, (addresses, sizes) in tables.items():
+            total += numba_tables.sum_squares(addresses, sizes, _NUMPY[dtype])
     return total
 
 
@@ -96,8 +124,9 @@ def param_tables(
 ) -> tuple[dict[torch.dtype, Table], list[int]]:
     """``({dtype: Table}, rejected)`` for rows ``(param, grad, exp_avg, exp_avg_sq,
     max_exp_avg_sq or None, step)``: the rows the table kernel can update (plain C-contiguous CPU
-    tensors of one float dtype per row, a float32 CPU step count) and the positions of the
-    others.  Only cheap attribute reads: this runs for every parameter of every step."""
+    tensors of one float dtype and one size per row, a one-element float32 CPU step count) and
+    the positions of the others.  Only cheap attribute reads: this runs for every parameter of
+    every step.  The caller keeps ``rows`` alive while the tables are used."""
     found: dict[torch.dtype, tuple[list[tuple[int, ...]], list[int], list[int]]] = {}
     rejected: list[int] = []
     f32, f64 = torch.float32, torch.float64
@@ -106,28 +135,30 @@ def param_tables(
         dtype = p.dtype
         if w is None:
             w = v
+        n = p.numel()
         if (
             (dtype is f32 or dtype is f64)
             and p.is_cpu
             and p.is_contiguous()
-            and g.dtype is dtype
-            and g.is_contiguous()
-            and not g.is_neg()
-            and m.dtype is dtype
-            and m.is_contiguous()
-            and v.dtype is dtype
-            and v.is_contiguous()
-            and w.dtype is dtype
-            and w.is_contiguous()
+            and not p.is_neg()
+            and (dtensor is None or not isinstance(p, dtensor))
             and s.dtype is f32
             and s.is_cpu
-            and (dtensor is None or not isinstance(p, dtensor))
+            and s.numel() == 1
+            and all(
+                t.dtype is dtype
+                and t.is_cpu
+                and t.is_contiguous()
+                and not t.is_neg()
+                and t.numel() == n
+                for t in (g, m, v, w)
+            )
         ):
             entry = found.get(dtype)
             if entry is None:
                 entry = found[dtype] = ([], [], [])
             entry[0].append((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), w.data_ptr()))
-            entry[1].append(p.numel())
+            entry[1].append(n)
             entry[2].append(s.data_ptr())
         else:
             rejected.append(i)
@@ -147,8 +178,10 @@ def grad_squares(tables: dict[torch.dtype, Table]) -> float:
     from adamkit.kernels import numba_tables
 
     total = 0.0
-    for dtype, (rows, sizes, _) in tables.items():
-        total += numba_tables.sum_squares(np.ascontiguousarray(rows[:, 1]), sizes, _NUMPY[dtype])
+    with numba_threads():
+        for dtype, (rows, sizes, _) in tables.items():
+            grads = np.ascontiguousarray(rows[:, 1])
+            total += numba_tables.sum_squares(grads, sizes, _NUMPY[dtype])
     return total
 
 
@@ -160,14 +193,15 @@ def update_tables_(
     from adamkit.kernels import numba_tables
 
     total = [0.0, 0.0]
-    for dtype, (rows, sizes, steps) in tables.items():
-        counts = numba_tables.advance_steps(steps)
-        sums = numba_tables.adam_update_table_(
-            rows, sizes, counts, _NUMPY[dtype], hp, measure=measure
-        )
-        if sums is not None:
-            total[0] += sums[0]
-            total[1] += sums[1]
+    with numba_threads():
+        for dtype, (rows, sizes, steps) in tables.items():
+            counts = numba_tables.advance_steps(steps)
+            sums = numba_tables.adam_update_table_(
+                rows, sizes, counts, _NUMPY[dtype], hp, measure=measure
+            )
+            if sums is not None:
+                total[0] += sums[0]
+                total[1] += sums[1]
     return total[0], total[1]
 
 
@@ -186,12 +220,13 @@ def rms_update_table_(
     from adamkit.kernels import numba_tables
 
     rows, sizes, steps = table
-    counts = numba_tables.advance_steps(steps)
     np_dtype = _NUMPY[dtype]
-    factors = numba_tables.rms_lr_factors(rows, sizes, counts, np_dtype, hp, threshold)
-    sums = numba_tables.adam_update_table_(
-        rows, sizes, counts, np_dtype, hp, lr_factors=factors, measure=measure
-    )
+    with numba_threads():
+        counts = numba_tables.advance_steps(steps)
+        factors = numba_tables.rms_lr_factors(rows, sizes, counts, np_dtype, hp, threshold)
+        sums = numba_tables.adam_update_table_(
+            rows, sizes, counts, np_dtype, hp, lr_factors=factors, measure=measure
+        )
     return factors.tolist(), (sums if sums is not None else (0.0, 0.0))
 
 

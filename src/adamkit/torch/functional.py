@@ -39,6 +39,7 @@ and the corrections are computed in float64 tensor arithmetic instead.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -49,7 +50,7 @@ from torch import Tensor
 
 from adamkit.core.config import AdamHyperParams
 from adamkit.kernels import adam_update_, numba_available
-from adamkit.torch._addresses import Table, param_tables, update_tables_
+from adamkit.torch._addresses import Table, numba_threads, param_tables, update_tables_
 
 __all__ = ["IMPLS", "StepFn", "adam_reference_", "adam_torch_", "select_impl"]
 
@@ -251,28 +252,30 @@ def hyper_params(
     amsgrad: bool,
     maximize: bool,
 ) -> AdamHyperParams:
-    """``AdamHyperParams`` of these settings (validated; ``ValueError``/``TypeError`` as its
-    constructor), from a small cache: the same settings recur every step, and construction
-    validates every field."""
-    values = (
-        float(lr),
-        float(beta1),
-        float(beta2),
-        float(eps),
-        float(weight_decay),
-        bool(decoupled_weight_decay),
-        bool(amsgrad),
-        bool(maximize),
-    )
-    hp = _HP_CACHE.get(values)
+    """``AdamHyperParams`` of these settings (validated as its constructor validates:
+    ``ValueError``/``TypeError``), from a small cache: the same settings recur every step, and
+    construction validates every field."""
+    values = (lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize)
+    # Types are part of the key (1 == 1.0 == True); anything else than plain numbers and flags
+    # is validated every time.
+    cacheable = all(type(v) in (float, int, bool) for v in values)
+    key = tuple((type(v), v) for v in values) if cacheable else None
+    hp = _HP_CACHE.get(key) if key is not None else None
     if hp is None:
-        names = ("lr", "beta1", "beta2", "eps", "weight_decay", "decoupled_weight_decay")
         hp = AdamHyperParams(
-            **dict(zip(names, values[:6], strict=True)), amsgrad=values[6], maximize=values[7]
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
         )
-        if len(_HP_CACHE) >= 64:  # an lr schedule makes a new key every step
-            _HP_CACHE.clear()
-        _HP_CACHE[values] = hp
+        if key is not None:
+            if len(_HP_CACHE) >= 64:  # an lr schedule makes a new key every step
+                _HP_CACHE.clear()
+            _HP_CACHE[key] = hp
     return hp
 
 
@@ -344,12 +347,10 @@ def _numpy_backed(kernel: str, name: str, doc: str) -> StepFn:
         state_steps: Sequence[Tensor],
         **hyper: Any,
     ) -> None:
-        torch_threads = _sync_numba_threads() if kernel != "reference" else None
-        _adam_numpy_(
-            kernel, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **hyper
-        )
-        if torch_threads is not None and torch.get_num_threads() != torch_threads:
-            torch.set_num_threads(torch_threads)
+        with numba_threads() if kernel != "reference" else contextlib.nullcontext():
+            _adam_numpy_(
+                kernel, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **hyper
+            )
 
     step.__name__ = step.__qualname__ = name
     step.__doc__ = doc
@@ -379,18 +380,6 @@ adam_numba_ = _numpy_backed(
     ``torch.set_num_threads`` governs both; torch's own count is restored afterwards.
     """,
 )
-
-
-def _sync_numba_threads() -> int:
-    # Returns torch's thread count so the caller can restore it: starting numba's OpenMP pool
-    # resets the process-wide OpenMP setting that torch reads (seen: 1 -> 2 threads).
-    import numba
-
-    torch_threads = torch.get_num_threads()
-    wanted = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != wanted:
-        numba.set_num_threads(wanted)
-    return torch_threads
 
 
 _IMPLEMENTATIONS: dict[str, StepFn] = {

@@ -128,7 +128,8 @@ def global_norm(tensors: Iterable[Tensor]) -> float:
     accumulation costs ten times as much in torch on the CPU; that is ample for detecting
     non-finite values and for z-scores of the norm.
     """
-    tables, rest = split_blocks(list(tensors))
+    tensors = list(tensors)  # held until the kernel has read them: tables hold addresses only
+    tables, rest = split_blocks(tensors)
     fast = sum_squares(tables) if tables else 0.0
     buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in rest:

@@ -68,8 +68,9 @@ _SPARSE_MESSAGE = "Adam does not support sparse gradients, please consider Spars
 _WORK_DTYPES = (torch.float32, torch.float64)  # NumPy views the step can update in place
 _Plan = tuple[StepFn | None, list[Tensor], float]
 # A group's share for the address-table kernel: (tables, positions of the other parameters in
-# the plan's list, the parameters in the tables).
-_Prepared = tuple[dict[torch.dtype, Table], list[int], list[Tensor]]
+# the plan's list, the parameters in the tables, the rows of tensors whose addresses the tables
+# hold, kept here so that they stay alive until the kernel has run).
+_Prepared = tuple[dict[torch.dtype, Table], list[int], list[Tensor], list[tuple[Any, ...]]]
 # Everything in a group that its checks read (see Adam._checked_settings).
 _SETTING_KEYS = (
     "lr",
@@ -424,26 +425,25 @@ class Adam(torch.optim.Optimizer):
 
     def _checked_settings(self, index: int, group: dict[str, Any]) -> tuple[dict[str, Any], float]:
         # (state options, effective weight decay) of a group whose settings pass the checks.
-        # Settings are re-checked only when they changed since the last step (a group's values
-        # are compared, not its identity: schedulers and users write into groups); an lr tensor
-        # is checked every time, since its value can change in place.
-        key = tuple(group.get(name) for name in _SETTING_KEYS)
+        # They are checked again only when a setting changed since the last check of this
+        # group: the key holds each value with its type (True == 1 == 1.0 for ==), and groups
+        # holding anything but plain immutable values (an lr tensor, betas as a list) are
+        # checked every step, since those can change in place.  One entry per group position.
+        key = _settings_key(group)
         checked = self.__dict__.setdefault("_checked", {})
-        cached = checked.get(id(group))
-        if cached is not None and cached[0] is group and not isinstance(group["lr"], Tensor):
-            try:
-                same = cached[1] == key
-            except Exception:  # values whose == raises or is elementwise: check again
-                same = False
-            if same:
-                return cached[2], cached[3]
+        cached = checked.get(index)
+        if key is not None and cached is not None and cached[0] is group and cached[1] == key:
+            return cached[2], cached[3]
         try:
             check_group(group)
             options = tf.check_state_options(group)
             weight_decay = effective_weight_decay(group)
         except (TypeError, ValueError) as error:
             raise type(error)(f"param group {index}: {error}") from None
-        checked[id(group)] = (group, key, options, weight_decay)
+        if key is None:
+            checked.pop(index, None)
+        else:
+            checked[index] = (group, key, options, weight_decay)
         return options, weight_decay
 
     def _plan(self, index: int, group: dict[str, Any]) -> _Plan:
@@ -617,7 +617,7 @@ class Adam(torch.optim.Optimizer):
                 rest = sorted(rest + [ready[j] for j in rejected])
                 ready = [i for j, i in enumerate(ready) if j not in dropped]
             taken = [params[i] for i in ready]
-            prepared.append((tables, rest, taken))
+            prepared.append((tables, rest, taken, rows))
         return prepared
 
     def _apply_measured(
@@ -832,6 +832,25 @@ class Adam(torch.optim.Optimizer):
             else:
                 p.copy_(wide)
         return factors
+
+
+_PLAIN = (float, int, bool, str, type(None))
+
+
+def _settings_key(group: dict[str, Any]) -> tuple[Any, ...] | None:
+    # Every setting with its type, or None when one is not a plain immutable value.
+    key = []
+    for name in _SETTING_KEYS:
+        value = group.get(name)
+        if isinstance(value, tuple):
+            if not all(type(item) in _PLAIN for item in value):
+                return None
+            key.append((tuple, tuple((type(item), item) for item in value)))
+        elif type(value) in _PLAIN:
+            key.append((type(value), value))
+        else:
+            return None
+    return tuple(key)
 
 
 def _clip_options(plan: StepPlan) -> dict[str, Any]:
