@@ -84,10 +84,11 @@ def test_all_writes_guard_columns_summary_config_and_panel(isolated, run_cli):
         assert 0.0 < float(row["update_ratio"]) < 0.1 and float(row["update_norm"]) > 0.0
         assert all(int(row[name]) >= 0 for name in COUNTS)
     totals = {name: sum(int(r[name]) for r in rows) for name in COUNTS}
-    # StableAdamW clips early updates on digits; the summary must report the CSV's totals.
-    assert totals["update_clipped"] > 0
+    # "all" clips only a 4-fold underestimate of v_hat (rms_threshold=2), which healthy digits
+    # training may never show; the summary must report the CSV's totals either way.
+    n = totals["update_clipped"]
     (line,) = [x for x in out.splitlines() if x.startswith("guard (all): ")]
-    assert f"{totals['update_clipped']} updates clipped" in line or totals["update_clipped"] == 1
+    assert (f"{n} update" in line) == (n > 0)
     assert line.endswith(f"in {3 * 45} steps")
     document = json.loads((isolated / "g" / "config.json").read_text())
     assert document["settings"]["guard"] == "all"

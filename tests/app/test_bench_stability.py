@@ -173,15 +173,20 @@ def test_sweep_plot_and_faults_on_tiny_data(tmp_path):
 
 
 def test_overhead_reports_every_candidate():
-    result = bs.guard_overhead(n_matrices=2, width=30, rounds=3, warmup=1)
+    result = bs.guard_overhead(
+        n_matrices=2, width=30, rounds=3, warmup=1, train_rounds=2, train_sizes=(8, 16, 4)
+    )
     assert result["params"] == 2 * 30 * 30 + 2 * 30
     assert set(result["median_ms"]) == {
         "adamkit (no guard)",
         "adamkit (default guard)",
         "adamkit (guard all)",
         "torch.optim.Adam",
+        "torch.optim.Adam fused",
     }
     assert result["overhead_pct"]["adamkit (no guard)"] == 0.0
+    assert result["train_params"] == 8 * 16 + 16 + 16 * 4 + 4
+    assert set(result["train_median_ms"]) == {"adamkit (no guard)", "adamkit (default guard)"}
 
 
 def test_cli_options_and_missing_data(tmp_path, capsys):
@@ -209,10 +214,106 @@ def test_cli_options_and_missing_data(tmp_path, capsys):
 
 def test_guard_all_rolls_back_a_too_high_lr():
     # lr 1: Adam's first update (lr * sign(g) on every weight) blows the loss up at step 2;
-    # "all" judges it against the first loss, rolls back and halves the lr until it holds.
+    # "all" judges it against the first loss, rolls back and cuts the lr (x0.25) until it holds.
     data = _data(n_train=256, n_test=128)
     kwargs = {"model": "mlp", "dtype": "fp32", "lr": 1.0, "seed": 0, "batch_size": 16}
     plain = bs.train_run(data, optimizer="torch-adam", **kwargs)
     guarded = bs.train_run(data, optimizer="adamkit-all", **kwargs)
     assert guarded.guard["n_rollbacks"] >= 2
     assert guarded.acc > 0.95 > 0.9 > plain.acc
+
+
+def test_summary_reports_the_seed_spread_and_paired_differences_at_the_reference_lr():
+    # Seeds 0, 1, 2 at lr 1e-3: torch 0.70, 0.72, 0.74 (sd 0.02 -> 2 points), guard 0.71, 0.71,
+    # 0.71 (sd 0); per seed guard - torch = +1, -1, -3 points, mean -1.
+    results = []
+    for seed, (t, g) in enumerate([(0.70, 0.71), (0.72, 0.71), (0.74, 0.71)]):
+        for lr in (1e-3, 1e-2):
+            results.append(_result("cnn bf16 torch-adam", lr, t, seed))
+            results.append(_result("cnn bf16 adamkit-all", lr, g, seed))
+    pair = bs.summarize_sweep(results, reference_lr=1e-3)["pairs"]["cnn bf16"]
+    assert pair["acc_diff_points"] == pytest.approx(-1.0)
+    assert pair["acc_diff_points_per_seed"] == pytest.approx([1.0, -1.0, -3.0])
+    assert pair["acc_seed_sd_points"]["baseline"] == pytest.approx(2.0)
+    assert pair["acc_seed_sd_points"]["guarded"] == pytest.approx(0.0, abs=1e-12)
+    assert pair["targets"]["acc_not_below_by_0.2_points"] is False
+
+
+def _baseline_file(tmp_path, runs, **settings):
+    import json
+    from dataclasses import asdict
+
+    stored = {"epochs": 2, "batch_size": 256, "cnn_train_images": 10_000, **settings}
+    path = tmp_path / "old.json"
+    document = {"settings": stored, "sweep": {"runs": [asdict(r) for r in runs]}}
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_baseline_runs_are_read_back_in_grid_order_and_checked(tmp_path):
+    grid = dict(models=("mlp",), dtypes=("fp32",), lrs=(1e-3, 1e-2), seeds=(0, 1))
+    same = dict(epochs=2, batch_size=256, cnn_train=10_000)
+    runs = [
+        _result("mlp fp32 torch-adam", lr, 0.5 + seed / 10 + lr, seed)
+        for lr in (1e-2, 1e-3, 0.1)
+        for seed in (1, 0)
+    ]
+    runs.append(_result("mlp fp32 adamkit-all", 1e-3, 0.99, 0))  # another optimizer: ignored
+    path = _baseline_file(tmp_path, runs)
+    got = bs.load_baseline_runs(path, **grid, **same)
+    assert [(r.lr, r.seed) for r in got] == [(1e-3, 0), (1e-3, 1), (1e-2, 0), (1e-2, 1)]
+    assert all(r.optimizer == "torch-adam" for r in got)
+    assert got[3].acc == pytest.approx(0.5 + 0.1 + 1e-2)
+    with pytest.raises(ValueError, match="epochs is 2, this run uses 3"):
+        bs.load_baseline_runs(path, **grid, **{**same, "epochs": 3})
+    with pytest.raises(ValueError, match=r"lacks 2 torch-adam run\(s\)"):
+        bs.load_baseline_runs(path, **{**grid, "seeds": (0, 1, 2)}, **same)
+
+
+def test_merge_documents_joins_split_sweeps_and_rejects_duplicates():
+    from dataclasses import asdict
+
+    mlp = [_result("mlp fp32 torch-adam", 1e-3, 0.8), _result("mlp fp32 adamkit-all", 1e-3, 0.9)]
+    cnn = [_result("cnn fp32 torch-adam", 1e-3, 0.7), _result("cnn fp32 adamkit-all", 1e-3, 0.6)]
+    docs = [
+        {"command": "a", "sweep": {"runs": [asdict(r) for r in mlp]}},
+        {"command": "b", "sweep": {"runs": [asdict(r) for r in cnn]}},
+        {"command": "c", "faults": {"summary": {"fp32": {}}, "runs": []}},
+    ]
+    merged = bs.merge_documents(docs)
+    pairs = merged["sweep"]["summary"]["pairs"]
+    assert pairs["mlp fp32"]["acc_diff_points"] == pytest.approx(10.0)
+    assert pairs["cnn fp32"]["acc_diff_points"] == pytest.approx(-10.0)
+    assert merged["faults"] == docs[2]["faults"]
+    assert [d["command"] for d in merged["merged_from"]] == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="more than one document"):
+        bs.merge_documents(docs[:1] + docs[:1])
+    with pytest.raises(ValueError, match="2 documents have a fault injection"):
+        bs.merge_documents(docs[2:] + docs[2:])
+
+
+def test_baseline_faults_are_restricted_to_the_asked_optimizers(tmp_path):
+    import json
+
+    entry = {"clean_acc": 0.8, "faulted_acc": 0.7, "diff_points": -10.0, "faulted_nan": 0}
+    runs = [
+        {"optimizer": o, "dtype": d}
+        for o in ("torch-adam", "adamkit-all")
+        for d in ("fp32", "bf16")
+    ]
+    document = {
+        "settings": {"seeds": [0, 1]},
+        "faults": {
+            "summary": {"fp32": {"torch-adam": entry, "adamkit-all": entry}},
+            "runs": runs,
+        },
+    }
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(document))
+    got = bs.load_baseline_faults(path, dtypes=("fp32",), seeds=(0, 1), optimizers=("torch-adam",))
+    assert got["summary"] == {"fp32": {"torch-adam": entry}}
+    assert got["runs"] == [{"optimizer": "torch-adam", "dtype": "fp32"}]
+    with pytest.raises(ValueError, match="lacks fault runs"):
+        bs.load_baseline_faults(path, dtypes=("bf16",), seeds=(0, 1))
+    with pytest.raises(ValueError, match="other seeds"):
+        bs.load_baseline_faults(path, dtypes=("fp32",), seeds=(0, 1, 2))

@@ -24,7 +24,10 @@ def test_all_turns_every_behaviour_on_and_accepts_overrides():
     c = GuardConfig.all()
     assert c.skip_nonfinite and c.grad_spike and c.loss_spike and c.track_update_norm
     assert c.update_clip == "rms"
-    assert c.snapshot_interval == 100 and c.lr_factor == 0.5 and c.lr_cooldown == 1000
+    # Clips only a 4-fold underestimate of the mean square (RMS > 2), not ordinary growth.
+    assert c.rms_threshold == 2.0 and GuardConfig(update_clip="rms").rms_threshold == 1.0
+    assert c.grad_z == 4.0 and GuardConfig(grad_spike=True).grad_z == 2.5
+    assert c.snapshot_interval == 100 and c.lr_factor == 0.25 and c.lr_cooldown == 1000
     assert c.loss_warmup == 1  # judges the second loss against the first: catches step-2 blow-ups
     assert GuardConfig.all(update_clip="atan2", snapshot_interval=0).update_clip == "atan2"
     with pytest.raises(TypeError, match=r"unknown guard option.*'snapshot_every'"):

@@ -237,3 +237,117 @@ def test_in_place_twin_matches_the_pure_step_and_leaves_grads_alone(clip, amsgra
     assert factors == ([e[2] for e in expected] if clip == "rms" else [])
     if clip == "rms":
         assert min(factors) < 1.0  # v is far below g^2 here, so the rule did act
+
+
+# -- which v_hat the RMS rule reads, and the "all" preset's threshold --------------------------
+
+
+def test_rms_reads_v_hat_after_this_steps_update_as_in_the_paper():
+    # Wortsman et al. 2023 (StableAdamW): u_t is updated with g_t^2 *before* RMS_t is taken.
+    # beta2 = 1/2, bias correction, g_1 = 1 then g_2 = 3 on every element:
+    #   v_1 = 1/2, v_2 = 1/2 * 1/2 + 1/2 * 9 = 19/4, 1 - beta2^2 = 3/4, v_hat_2 = 19/3,
+    #   RMS = sqrt(9 / (19/3)) = sqrt(27/19) ~ 1.19   (with v_hat_1 = 1 it would be 3).
+    hp = AdamHyperParams(lr=0.1, beta1=0.0, beta2=0.5, eps=0.0)
+    p = np.zeros(4)
+    _, state = adam_step(p, np.ones(4), init_state(p), hp)
+    g = np.full(4, 3.0)
+    rms = math.sqrt(27 / 19)
+    for threshold, expected in [(1.0, 1 / rms), (1.1, 1.1 / rms), (1.2, 1.0), (2.0, 1.0)]:
+        _, _, factor = clipped_adam_step(
+            p, g, state, hp, update_clip="rms", rms_threshold=threshold
+        )
+        assert math.isclose(factor, expected, rel_tol=1e-14), threshold
+
+
+def test_rms_after_the_update_is_bounded_by_one_over_the_weight_of_the_new_gradient():
+    # v = beta2 v_old + (1 - beta2) g^2 >= (1 - beta2) g^2, so g^2 / v_hat <= bc2 / (1 - beta2)
+    # on every element: a 1e6-fold spike after tiny gradients gives RMS = sqrt(1 / (1 - beta2))
+    # up to the negligible beta2 v_old (no bias correction: bc2 = 1).
+    hp = AdamHyperParams(beta1=0.0, beta2=0.96, eps=0.0, bias_correction=False)
+    p = np.zeros(3)
+    state = AdamState(10, np.zeros(3), np.full(3, 1e-12), None)
+    _, _, factor = clipped_adam_step(p, np.full(3, 1e6), state, hp, update_clip="rms")
+    assert math.isclose(factor, math.sqrt(1 - 0.96), rel_tol=1e-12)  # 1 / RMS = sqrt(0.04)
+
+
+def _rms_of_growing_gradients(c: float, t: int, beta2: float) -> float:
+    # g_k = c^k (same on every element): v_t = (1 - beta2) sum_k beta2^(t-k) c^(2k), a
+    # geometric sum with ratio c^2 / beta2; v_hat_t = v_t / (1 - beta2^t).
+    q = c * c / beta2
+    v = (1 - beta2) * beta2**t * q * (q**t - 1) / (q - 1)
+    return math.sqrt(c ** (2 * t) / (v / (1 - beta2**t)))
+
+
+@pytest.mark.parametrize("growth", [1.0, 1.02])
+def test_all_preset_threshold_lets_ordinary_gradient_growth_through(growth):
+    # Early training: the gradient scale grows (here 2% per step, 1.02^80 ~ 4.9x in 80 steps).
+    # With beta2 = 0.999 the bias-corrected v_hat is nearly the plain mean of the past g^2, so
+    # RMS > 1 most of the time and the paper's threshold 1 slows every step; the "all" preset's
+    # threshold (2: a 4-fold underestimate of the mean square) leaves all 80 steps alone.
+    from adamkit.guard import GuardConfig
+
+    threshold = GuardConfig.all().rms_threshold
+    hp = AdamHyperParams(lr=1e-3)  # torch's defaults: beta2 = 0.999, eps = 1e-8
+    p = np.zeros(5)
+    state = init_state(p)
+    clipped_at_one = 0
+    for t in range(1, 81):
+        g = np.full(5, growth**t)
+        _, _, f1 = clipped_adam_step(p, g, state, hp, update_clip="rms", rms_threshold=1.0)
+        p, state, factor = clipped_adam_step(
+            p, g, state, hp, update_clip="rms", rms_threshold=threshold
+        )
+        rms = _rms_of_growing_gradients(growth, t, 0.999)
+        assert math.isclose(f1, min(1.0, 1.0 / rms), rel_tol=1e-9), t
+        assert factor == 1.0, (t, rms)
+        clipped_at_one += f1 < 1.0 - 1e-9
+    if growth == 1.0:
+        assert clipped_at_one == 0  # constant gradients: RMS = 1 exactly, up to rounding
+    else:
+        assert clipped_at_one == 79  # RMS > 1 from the second step on
+        assert 1.5 < _rms_of_growing_gradients(growth, 80, 0.999) < threshold
+
+
+def test_all_preset_threshold_still_clips_a_tenfold_spike():
+    # 50 steps of g = 1 (beta2 = 0.999, bias correction: v_hat_50 = 1), then g = 10:
+    #   v_51 = 0.999 (1 - 0.999^50) + 0.001 * 100,  v_hat = v_51 / (1 - 0.999^51),
+    #   RMS = 10 / sqrt(v_hat) ~ 5.78  ->  factor = threshold / RMS ~ 0.35 at threshold 2.
+    from adamkit.guard import GuardConfig
+
+    threshold = GuardConfig.all().rms_threshold
+    b = 0.999
+    v_hat = (b * (1 - b**50) + (1 - b) * 100.0) / (1 - b**51)
+    rms = 10.0 / math.sqrt(v_hat)
+    assert 5.7 < rms < 5.9
+    hp = AdamHyperParams(lr=1e-3)
+    p = np.zeros(3)
+    state = init_state(p)
+    for _ in range(50):
+        p, state, factor = clipped_adam_step(
+            p, np.ones(3), state, hp, update_clip="rms", rms_threshold=threshold
+        )
+        assert factor == 1.0 or math.isclose(factor, 1.0, rel_tol=1e-12)
+    _, _, factor = clipped_adam_step(
+        p, np.full(3, 10.0), state, hp, update_clip="rms", rms_threshold=threshold
+    )
+    assert math.isclose(factor, threshold / rms, rel_tol=1e-12)
+
+
+def test_rms_with_maximize_and_coupled_l2_squares_the_gradient_that_entered_v():
+    # maximize: v sees (-g + lambda p); with g = 1, p = 1, lambda = 1 that is 0 on every element,
+    # so v stays 0 and RMS = 0 (nothing clipped).  Squaring (g + lambda p) = 2 instead would
+    # give 4 / eps^2 and clip the step to nothing.
+    hp = AdamHyperParams(
+        lr=0.1,
+        beta1=0.0,
+        beta2=0.75,
+        eps=1e-8,
+        weight_decay=1.0,
+        maximize=True,
+        bias_correction=False,
+    )
+    p = np.ones(3)
+    new_p, new_s, factor = clipped_adam_step(p, np.ones(3), _state(3, 1), hp, update_clip="rms")
+    assert factor == 1.0
+    np.testing.assert_array_equal(new_s.exp_avg_sq, np.zeros(3))
+    np.testing.assert_array_equal(new_p, p)  # m = 0 too: the step does not move

@@ -17,7 +17,15 @@ Three parts (``--parts``), each printed as it finishes and written to ``--out``:
     final test loss is above its initial one.  Per setting (model, dtype, optimizer) and lr the
     accuracy is the mean over seeds; the **usable band** is the contiguous range of lrs around the
     best one whose mean accuracy is at least 95% of the best (``--band``), and its **width** the
-    ratio of its ends (``3e-4..3e-2`` is 100x).  Drawn as a heatmap (``stability_sweep.png``:
+    ratio of its ends (``3e-4..3e-2`` is 100x).  At lr 1e-3 the guard's mean accuracy is
+    compared with torch's, with each setting's seed standard deviation and the per-seed
+    differences (a seed fixes the initial weights and the batch order, so they are paired).
+    ``--baseline FILE`` reuses the ``torch-adam`` runs of an earlier ``stability.json`` (same
+    grid, epochs, batch size and CNN subset) instead of training them again: they do not depend
+    on adamkit and repeat exactly (as do the fault-injection runs of ``torch-adam`` and the
+    default guard, also reused).  ``--merge A.json B.json ...`` combines the files of runs
+    split by ``--models``/``--parts`` (and ``--tag``) into one, summarized and plotted again.
+    Drawn as a heatmap (``stability_sweep.png``:
     lr x setting, colour = mean final accuracy, band outlined, cells with a diverged run crossed).
 
 ``faults``
@@ -30,7 +38,9 @@ Three parts (``--parts``), each printed as it finishes and written to ``--out``:
 ``overhead``
     Step time with nothing wrong at 10M parameters (ten 1000x1000 matrices and their biases),
     ``adamkit.torch.Adam`` with ``guard=False``, the default guard and ``guard="all"``, and
-    ``torch.optim.Adam``: interleaved rounds, medians (one thread).
+    ``torch.optim.Adam`` (default and fused): interleaved rounds, medians; and the whole
+    training step (forward, backward, step) of a 10M-parameter MLP at batch 256 without and
+    with the default guard.
 
 Results: ``--out`` (default ``bench-results``) gets ``stability.json`` (every run, every timing,
 the summaries) and ``stability_sweep.png``.  ``--quick``: one seed.
@@ -39,6 +49,7 @@ the summaries) and ``stability_sweep.png``.  ``--quick``: one seed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -47,7 +58,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -63,8 +74,11 @@ __all__ = [
     "configure_parser",
     "fault_injection",
     "guard_overhead",
+    "load_baseline_faults",
+    "load_baseline_runs",
     "load_fashion",
     "lr_sweep",
+    "merge_documents",
     "plot_sweep",
     "run",
     "summarize_sweep",
@@ -376,6 +390,84 @@ def lr_sweep(
     return results
 
 
+def load_baseline_runs(
+    path: str | os.PathLike[str],
+    *,
+    models: Sequence[str],
+    dtypes: Sequence[str],
+    lrs: Sequence[float],
+    seeds: Sequence[int],
+    epochs: int,
+    batch_size: int,
+    cnn_train: int,
+    optimizer: str = "torch-adam",
+) -> list[RunResult]:
+    """The ``optimizer`` sweep runs of an earlier ``stability.json``, one per (model, dtype, lr,
+    seed) asked for.  ``torch.optim.Adam`` does not depend on adamkit, so with the same data,
+    seeds and loop its runs repeat exactly (one thread) and need not be trained again.
+
+    Raises ``ValueError`` when the file's epochs, batch size or CNN subset differ from the
+    arguments, or a run is missing; ``OSError``/``json.JSONDecodeError`` for an unreadable file.
+    """
+    document = json.loads(Path(path).read_text())
+    stored = document.get("settings", {})
+    for key, want in (
+        ("epochs", epochs),
+        ("batch_size", batch_size),
+        ("cnn_train_images", cnn_train),
+    ):
+        if stored.get(key) != want:
+            raise ValueError(
+                f"baseline {path}: {key} is {stored.get(key)!r}, this run uses {want!r}"
+            )
+    known = {f.name for f in fields(RunResult)}
+    runs = {}
+    for raw in document.get("sweep", {}).get("runs", []):
+        r = RunResult(**{k: v for k, v in raw.items() if k in known})
+        if r.optimizer == optimizer and not r.faults:
+            runs[(r.model, r.dtype, float(r.lr), int(r.seed))] = r
+    wanted = [
+        (m, d, float(lr), int(k)) for m in models for d in dtypes for lr in lrs for k in seeds
+    ]
+    missing = [w for w in wanted if w not in runs]
+    if missing:
+        raise ValueError(
+            f"baseline {path} lacks {len(missing)} {optimizer} run(s), e.g. {missing[0]}"
+        )
+    return [runs[w] for w in wanted]
+
+
+#: Fault-injection optimizers whose runs ``--baseline`` reuses (they do not use "all").
+BASELINE_FAULTS: tuple[str, ...] = ("torch-adam", "adamkit-default")
+
+
+def load_baseline_faults(
+    path: str | os.PathLike[str],
+    *,
+    dtypes: Sequence[str],
+    seeds: Sequence[int],
+    optimizers: Sequence[str] = BASELINE_FAULTS,
+) -> dict[str, Any]:
+    """``{"runs", "summary"}`` of an earlier ``stability.json``'s fault injection, restricted to
+    ``optimizers`` and ``dtypes``.  ``ValueError`` when the file lacks one of them or ran other
+    seeds."""
+    document = json.loads(Path(path).read_text())
+    stored = document.get("faults") or {}
+    if sorted(document.get("settings", {}).get("seeds", [])) != sorted(seeds):
+        raise ValueError(f"baseline {path}: fault runs used other seeds than {list(seeds)}")
+    summary: dict[str, Any] = {}
+    for dtype in dtypes:
+        entries = stored.get("summary", {}).get(dtype, {})
+        missing = [o for o in optimizers if o not in entries]
+        if missing:
+            raise ValueError(f"baseline {path} lacks fault runs of {missing} in {dtype}")
+        summary[dtype] = {o: entries[o] for o in optimizers}
+    runs = [
+        r for r in stored.get("runs", []) if r["optimizer"] in optimizers and r["dtype"] in dtypes
+    ]
+    return {"runs": runs, "summary": summary}
+
+
 def _band(lrs: Sequence[float], accs: Sequence[float], fraction: float) -> dict[str, Any]:
     # The contiguous run of lrs around the best mean accuracy that stays within `fraction` of it.
     finite = [a if math.isfinite(a) else -math.inf for a in accs]
@@ -436,10 +528,21 @@ def summarize_sweep(
         base = settings.get(f"{key} {baseline}")
         if base is None:
             continue
-        ref = {}
+        ref, seeds_at_ref, sd_points = {}, {}, {}
         for label, entry in (("guarded", s), ("baseline", base)):
             if reference_lr in entry["lrs"]:
                 ref[label] = entry["mean_acc"][entry["lrs"].index(reference_lr)]
+                runs = by_setting[f"{entry['model']} {entry['dtype']} {entry['optimizer']}"]
+                seeds_at_ref[label] = {r.seed: r.acc for r in runs if r.lr == reference_lr}
+                accs = list(seeds_at_ref[label].values())
+                sd_points[label] = 100.0 * statistics.stdev(accs) if len(accs) > 1 else None
+        # Same seed = same initial weights and batch order, so per-seed differences are paired.
+        common = sorted(
+            set(seeds_at_ref.get("guarded", {})) & set(seeds_at_ref.get("baseline", {}))
+        )
+        paired = [
+            100.0 * (seeds_at_ref["guarded"][k] - seeds_at_ref["baseline"][k]) for k in common
+        ]
         pairs[key] = {
             "band_widening": s["band"]["width"] / base["band"]["width"],
             "guarded_band": [s["band"]["lo"], s["band"]["hi"]],
@@ -448,6 +551,8 @@ def summarize_sweep(
             "acc_diff_points": (
                 100.0 * (ref["guarded"] - ref["baseline"]) if len(ref) == 2 else None
             ),
+            "acc_seed_sd_points": sd_points,
+            "acc_diff_points_per_seed": paired,
             "nan": {"guarded": s["nan"], "baseline": base["nan"]},
             "diverged": {"guarded": s["diverged"], "baseline": base["diverged"]},
         }
@@ -624,14 +729,19 @@ def guard_overhead(
     rounds: int = 30,
     warmup: int = 3,
     seed: int = 0,
+    train_rounds: int = 10,
+    train_sizes: Sequence[int] = (784, 2048, 2048, 2048, 10),
 ) -> dict[str, Any]:
     """Median step time (ms) of ``adamkit.torch.Adam`` without a guard, with the default guard and
-    with ``"all"``, and of ``torch.optim.Adam``, on ``n_matrices`` ``width x width`` float32
-    matrices plus biases (10M parameters by default), with nothing wrong.
+    with ``"all"``, and of ``torch.optim.Adam`` (default and ``fused=True``), on ``n_matrices``
+    ``width x width`` float32 matrices plus biases (10M parameters by default), with nothing
+    wrong; and the time of a whole training step (forward, backward, step) of an MLP with layer
+    widths ``train_sizes`` (10.0M parameters by default) at batch 256, without a guard and with
+    the default guard.
 
     Each round times one step of every candidate in a rotating order (noise hits all alike); the
     gradients are fixed random tensors shared by all candidates.  ``overhead_pct`` is relative
-    to ``adamkit (no guard)``.
+    to ``adamkit (no guard)``; ``train_overhead_pct`` likewise for the training step.
     """
     from adamkit.torch import Adam
 
@@ -652,32 +762,72 @@ def guard_overhead(
         "adamkit (default guard)": Adam(params(), lr=1e-3),
         "adamkit (guard all)": Adam(params(), lr=1e-3, guard="all"),
         "torch.optim.Adam": torch.optim.Adam(params(), lr=1e-3),
+        "torch.optim.Adam fused": torch.optim.Adam(params(), lr=1e-3, fused=True),
     }
-    names = list(candidates)
-    times: dict[str, list[float]] = {n: [] for n in names}
     loss = torch.tensor(1.0)
-    for i in range(warmup + rounds):
-        order = names[i % len(names) :] + names[: i % len(names)]
-        for name in order:
-            opt = candidates[name]
-            started = time.perf_counter()
-            if name.startswith("adamkit"):
-                opt.step(loss=loss)
-            else:
-                opt.step()
-            elapsed = time.perf_counter() - started
-            if i >= warmup:
-                times[name].append(elapsed)
-    medians = {n: 1e3 * statistics.median(t) for n, t in times.items()}
+
+    def optimizer_step(name: str) -> Callable[[], Any]:
+        opt = candidates[name]
+        if name.startswith("adamkit"):
+            return lambda: opt.step(loss=loss)
+        return opt.step
+
+    medians, minima = _interleaved({n: optimizer_step(n) for n in candidates}, rounds, warmup)
     base = medians["adamkit (no guard)"]
+
+    sizes = tuple(train_sizes)
+    data = torch.randn(256, sizes[0], generator=gen)
+    labels = torch.randint(0, sizes[-1], (256,), generator=gen)
+
+    def train_step(guard: Any) -> Callable[[], Any]:
+        torch.manual_seed(seed)
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in itertools.pairwise(sizes):
+            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        model = nn.Sequential(*layers[:-1])
+        opt = Adam(model.parameters(), lr=1e-4, guard=guard)
+
+        def step() -> None:
+            opt.zero_grad()
+            batch_loss = nn.functional.cross_entropy(model(data), labels)
+            batch_loss.backward()
+            opt.step(loss=batch_loss.detach())
+
+        return step
+
+    train = {"adamkit (no guard)": train_step(False), "adamkit (default guard)": train_step(True)}
+    train_medians, _ = _interleaved(train, train_rounds, warmup)
+    train_base = train_medians["adamkit (no guard)"]
     return {
         "params": sum(math.prod(s) for s in shapes),
         "rounds": rounds,
         "threads": torch.get_num_threads(),
         "median_ms": medians,
-        "min_ms": {n: 1e3 * min(t) for n, t in times.items()},
+        "min_ms": minima,
         "overhead_pct": {n: 100.0 * (m / base - 1.0) for n, m in medians.items()},
+        "train_params": sum(a * b + b for a, b in itertools.pairwise(sizes)),
+        "train_rounds": train_rounds,
+        "train_median_ms": train_medians,
+        "train_overhead_pct": {n: 100.0 * (m / train_base - 1.0) for n, m in train_medians.items()},
     }
+
+
+def _interleaved(
+    steps: dict[str, Callable[[], Any]], rounds: int, warmup: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    # (median ms, min ms) per name; each round runs every step once, in a rotating order.
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(warmup + rounds):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        for name in order:
+            started = time.perf_counter()
+            steps[name]()
+            elapsed = time.perf_counter() - started
+            if i >= warmup:
+                times[name].append(elapsed)
+    medians = {n: 1e3 * statistics.median(t) for n, t in times.items()}
+    return medians, {n: 1e3 * min(t) for n, t in times.items()}
 
 
 # ---------------------------------------------------------------- CLI
@@ -737,6 +887,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help='JSON for adamkit-all\'s guard= (default "all"), e.g. '
         '\'{"preset": "all", "loss_warmup": 20, "lr_cooldown": 100}\'',
     )
+    parser.add_argument(
+        "--baseline",
+        help="an earlier stability.json whose torch-adam sweep runs are reused instead of re-run "
+        "(same lrs, seeds, epochs, batch size and CNN subset required)",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="train nothing: merge these stability.json files (e.g. one per --models) into one "
+        "in --out, summarize and plot the sweep again",
+    )
     parser.add_argument("--band", type=float, default=0.95, help="usable: >= this x best acc")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: the app's search)")
     parser.add_argument("--out", default="bench-results", help="output folder")
@@ -774,6 +936,8 @@ def run(args: argparse.Namespace) -> int:
     """
     from adamkit.app.errors import AppError
 
+    if getattr(args, "merge", None):
+        return _run_merge(args)
     _set_threads(args.threads)
     seeds = tuple(range(args.seeds if args.seeds else (1 if args.quick else 3)))
     guard_all = args.guard_options if args.guard_options is not None else "all"
@@ -824,12 +988,28 @@ def run(args: argparse.Namespace) -> int:
             f"{args.batch_size}; "
             + ", ".join(f"{m} on {len(d.y_train)} images" for m, d in datasets.items())
         )
-        results = lr_sweep(
+        reused: list[RunResult] = []
+        optimizers = list(args.optimizers)
+        if getattr(args, "baseline", None) and "torch-adam" in optimizers:
+            reused = load_baseline_runs(
+                args.baseline,
+                models=args.models,
+                dtypes=args.dtypes,
+                lrs=args.lrs,
+                seeds=seeds,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                cnn_train=args.cnn_train,
+            )
+            optimizers.remove("torch-adam")
+            document["settings"]["baseline"] = str(args.baseline)
+            say(f"torch-adam: {len(reused)} runs reused from {args.baseline}")
+        results = reused + lr_sweep(
             datasets,
             lrs=args.lrs,
             seeds=seeds,
             dtypes=args.dtypes,
-            optimizers=args.optimizers,
+            optimizers=optimizers,
             epochs=args.epochs,
             batch_size=args.batch_size,
             guard_all=guard_all,
@@ -845,15 +1025,37 @@ def run(args: argparse.Namespace) -> int:
             "fault injection: MLP, lr 1e-3, "
             + ", ".join(f"{k} {list(v)}" for k, v in DEFAULT_FAULTS.items())
         )
-        document["faults"] = fault_injection(
+        fault_optimizers = list(OPTIMIZERS)
+        reused_faults: dict[str, Any] = {}
+        if getattr(args, "baseline", None):
+            # torch-adam and the default guard do not depend on the "all" preset.
+            reused_faults = load_baseline_faults(
+                args.baseline, dtypes=args.dtypes, seeds=seeds, optimizers=BASELINE_FAULTS
+            )
+            fault_optimizers = [o for o in fault_optimizers if o not in BASELINE_FAULTS]
+            for dtype, entries in reused_faults["summary"].items():
+                for name, entry in entries.items():
+                    say(
+                        f"  mlp {dtype:<4} {name:<16} clean {100 * entry['clean_acc']:.2f}%  "
+                        f"faulted {100 * entry['faulted_acc']:.2f}% "
+                        f"({entry['diff_points']:+.2f} points; NaN runs {entry['faulted_nan']})"
+                        f"  [reused from {args.baseline}]"
+                    )
+        faults = fault_injection(
             data,
             dtypes=args.dtypes,
             seeds=seeds,
+            optimizers=fault_optimizers,
             epochs=args.epochs,
             batch_size=args.batch_size,
             guard_all=guard_all,
             progress=say,
         )
+        if reused_faults:
+            faults["runs"] = reused_faults["runs"] + faults["runs"]
+            for dtype, entries in reused_faults["summary"].items():
+                faults["summary"][dtype] = {**entries, **faults["summary"][dtype]}
+        document["faults"] = faults
         save()
     if "overhead" in args.parts:
         _set_threads(args.threads)
@@ -865,10 +1067,67 @@ def run(args: argparse.Namespace) -> int:
         )
         for name, ms in result["median_ms"].items():
             say(f"  {name:<24} median {ms:8.2f} ms  ({result['overhead_pct'][name]:+.1f}%)")
+        say(
+            f"training step (forward, backward, step), {result['train_params'] / 1e6:.1f}M "
+            f"parameters, batch 256, {result['train_rounds']} interleaved rounds:"
+        )
+        for name, ms in result["train_median_ms"].items():
+            pct = result["train_overhead_pct"][name]
+            say(f"  {name:<24} median {ms:8.2f} ms  ({pct:+.1f}%)")
     document["seconds"] = time.perf_counter() - started
     document["machine"]["loadavg_end"] = _machine()["loadavg"]
     save()
     say(f"results in {json_path}" + (f" and {png_path}" if "sweep" in args.parts else ""))
+    return 0
+
+
+def merge_documents(documents: Sequence[dict[str, Any]], *, band: float = 0.95) -> dict[str, Any]:
+    """One ``stability.json`` document from several runs of parts of the benchmark (e.g. one
+    process per model): sweep runs concatenated and summarized again, the fault injection of the
+    (single) document that has one.  ``ValueError`` when two documents swept the same (setting,
+    lr, seed) or more than one has a fault injection."""
+    runs: list[RunResult] = []
+    seen: set[tuple[str, float, int]] = set()
+    faults = [d["faults"] for d in documents if d.get("faults")]
+    if len(faults) > 1:
+        raise ValueError(f"{len(faults)} documents have a fault injection; merge at most one")
+    known = {f.name for f in fields(RunResult)}
+    for document in documents:
+        for raw in (document.get("sweep") or {}).get("runs", []):
+            r = RunResult(**{k: v for k, v in raw.items() if k in known})
+            key = (r.setting, float(r.lr), int(r.seed))
+            if key in seen:
+                raise ValueError(f"run {key} appears in more than one document")
+            seen.add(key)
+            runs.append(r)
+    merged: dict[str, Any] = {
+        "format": FORMAT,
+        "version": 1,
+        "merged_from": [
+            {k: d.get(k) for k in ("command", "settings", "machine", "seconds")} for d in documents
+        ],
+    }
+    if runs:
+        summary = summarize_sweep(runs, band=band)
+        merged["sweep"] = {"runs": [asdict(r) for r in runs], "summary": summary}
+    if faults:
+        merged["faults"] = faults[0]
+    return merged
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"-{args.tag}" if args.tag else ""
+    documents = [json.loads(Path(path).read_text()) for path in args.merge]
+    merged = merge_documents(documents, band=args.band)
+    merged["command"] = " ".join(sys.argv)
+    json_path = out / f"stability{tag}.json"
+    json_path.write_text(json.dumps(merged, indent=1) + "\n")
+    if "sweep" in merged:
+        plot_sweep(merged["sweep"]["summary"], out / f"stability_sweep{tag}.png")
+        _print_sweep(merged["sweep"]["summary"], lambda line: print(line, flush=True))
+    print(f"merged {len(documents)} documents into {json_path}")
     return 0
 
 
@@ -883,10 +1142,19 @@ def _print_sweep(summary: dict[str, Any], say: Callable[[str], None]) -> None:
         )
     for key, p in summary["pairs"].items():
         diff = p["acc_diff_points"]
+        spread = ""
+        if diff is not None:
+            sd = p.get("acc_seed_sd_points", {})
+            per_seed = " ".join(f"{d:+.2f}" for d in p.get("acc_diff_points_per_seed", []))
+            if sd.get("guarded") is not None and sd.get("baseline") is not None:
+                spread = (
+                    f" (seed sd: guard {sd['guarded']:.2f}, torch {sd['baseline']:.2f}; "
+                    f"per seed {per_seed})"
+                )
         say(
             f"  {key}: guard band {p['band_widening']:g}x as wide; at lr "
             f"{summary['reference_lr']:g} guard - torch = "
-            + (f"{diff:+.2f} points" if diff is not None else "n/a")
+            + (f"{diff:+.2f} points{spread}" if diff is not None else "n/a")
         )
     for name, t in summary["totals"].items():
         say(f"  total {name}: NaN {t['nan']}, diverged {t['diverged']}")

@@ -92,8 +92,11 @@ def clipped_adam_step(
     second = new_state.max_exp_avg_sq if hp.amsgrad else new_state.exp_avg_sq
     bc2 = _bias_correction2(new_state.step, hp)
     if update_clip == "rms":
-        # Same gradient as went into v (the sign of maximize does not matter once squared).
+        # Same gradient as went into v: maximize flips its sign *before* coupled L2 decay adds
+        # lambda * theta (so the sign matters then, as in torch's Adam and adam_step).
         g_eff = np.asarray(grad).astype(dtype, copy=False)
+        if hp.maximize:
+            g_eff = -g_eff
         if hp.weight_decay != 0.0 and not hp.decoupled_weight_decay:
             g_eff = g_eff + hp.weight_decay * param
         v_hat = np.asarray(second, dtype=np.float64) / bc2

@@ -10,7 +10,11 @@ vision-language models", Adafactor's update clipping moved into AdamW's learning
 second moment Adam divides by (after this step's update; the running max with AMSGrad).
 ``RMS_t > 1`` means ``v_hat`` underestimates the current squared gradient, the situation that
 precedes loss spikes; the tensor's step is then shrunk.  At ``t = 1`` with bias correction,
-``v_hat = g^2`` and ``RMS = 1``: no clipping.
+``v_hat = g^2`` and ``RMS = 1``: no clipping.  Since ``v_t >= (1 - beta2) g_t^2``, ``RMS <=
+sqrt((1 - beta2^t) / (1 - beta2))``; with the previous step's ``v_hat`` (not the paper's rule) it
+would be unbounded.  With ``beta2 = 0.999`` and ``t << 1000``, ``v_hat`` is nearly the plain mean of
+all past ``g^2``, so gradients that merely grow (early training) already give ``RMS > 1``: the
+guard's "all" preset uses ``d = 2`` (see :meth:`adamkit.guard.GuardConfig.all`).
 
 Adam-atan2 (Everett et al. 2024, "Scaling Exponents Across Parameterizations and Optimizers")
 replaces the division and ``eps``::

@@ -79,6 +79,7 @@ from adamkit.guard import Guard, GuardConfig, StepPlan, clipped_adam_update_, re
 from adamkit.kernels import numba_available
 from adamkit.torch._addresses import (
     Table,
+    numba_threads,
     param_tables,
     rms_update_table_,
     split_blocks,
@@ -662,8 +663,9 @@ def adam_numpy_clipped_(
     reference) on zero-copy NumPy views: what the NumPy-backed implementations (``impl=
     "reference"``, the numba kernel) run when update clipping is on.  With numba installed,
     ``"rms"`` runs on the tensors the table kernel takes as one read-only pass for the factors
-    plus the fused step (:func:`adamkit.kernels.numba_tables.rms_lr_factors`), within float
-    rounding of the reference (tested); everything else runs the reference.
+    plus the fused step (:func:`adamkit.kernels.numba_tables.rms_lr_factors`), and ``"atan2"``
+    by :func:`adamkit.kernels.numba_clipped.atan2_update_` when every tensor qualifies, both
+    within float rounding of the reference (tested); everything else runs the reference.
 
     Same arguments as :func:`adamkit.torch.functional.adam_torch_`; CPU float32/float64 tensors
     only.  Returns the per-tensor "rms" factors (empty list otherwise).  DTensor parameters
@@ -727,23 +729,36 @@ def adam_numpy_clipped_(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = (
         [rows[i][k] for i in rest] for k in range(6)
     )
-    steps = []
-    for step_t in state_steps:
-        step_t += 1
-        steps.append(int(step_t.item()))
-    reference = clipped_adam_update_(
+    arrays = (
         [_view(p) for p in params],
         [_view(g) for g in grads],
         [_view(m) for m in exp_avgs],
         [_view(v) for v in exp_avg_sqs],
         [_view(v) for v in max_exp_avg_sqs] if amsgrad else [None] * len(params),
-        steps,
-        hp,
-        update_clip=update_clip,
-        rms_threshold=rms_threshold,
-        atan2_a=atan2_a,
-        atan2_b=atan2_b,
     )
+    fused_atan2 = False
+    if update_clip == "atan2" and numba_available():
+        from adamkit.kernels import numba_clipped, numba_cpu
+
+        fused_atan2 = all(numba_cpu.qualifies(*row) for row in zip(*arrays, strict=True))
+    steps = []
+    for step_t in state_steps:
+        step_t += 1
+        steps.append(int(step_t.item()))
+    if fused_atan2:
+        with numba_threads():
+            numba_clipped.atan2_update_(*arrays, steps, hp, atan2_a=atan2_a, atan2_b=atan2_b)
+        reference: list[float] = []
+    else:
+        reference = clipped_adam_update_(
+            *arrays,
+            steps,
+            hp,
+            update_clip=update_clip,
+            rms_threshold=rms_threshold,
+            atan2_a=atan2_a,
+            atan2_b=atan2_b,
+        )
     if not factors:
         return reference
     factors.update(zip(rest, reference, strict=True))
