@@ -217,11 +217,12 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_bench(argv: Sequence[str]) -> int:
-    # `adamkit bench` times optimizer steps; `adamkit bench stability` runs the guard's benchmark.
+    # `adamkit bench` times optimizer steps; `adamkit bench stability` runs the guard's benchmark,
+    # `adamkit bench accuracy` the state formats' accuracy benchmark.
     argv = list(argv)
-    stability = bool(argv) and argv[0] == "stability"
-    module = "adamkit.app.bench_stability" if stability else "adamkit.app.bench"
-    prog = "adamkit bench stability" if stability else "adamkit bench"
+    sub = argv[0] if argv and argv[0] in ("stability", "accuracy") else None
+    module = f"adamkit.app.bench_{sub}" if sub else "adamkit.app.bench"
+    prog = f"adamkit bench {sub}" if sub else "adamkit bench"
     try:
         bench = importlib.import_module(module)
     except ModuleNotFoundError as exc:
@@ -230,11 +231,14 @@ def _run_bench(argv: Sequence[str]) -> int:
             return EXIT_USAGE
         print(f"{prog}: error: needs {exc.name}: pip install adamkit[app]", file=sys.stderr)
         return EXIT_USAGE
-    if stability:
+    if sub:
         argv = argv[1:]
     parser = argparse.ArgumentParser(
         prog=prog,
-        epilog=None if stability else "'adamkit bench stability --help': the guard's benchmark",
+        epilog=None
+        if sub
+        else "'adamkit bench stability --help': the guard's benchmark; "
+        "'adamkit bench accuracy --help': the state formats' accuracy benchmark",
     )
     bench.configure_parser(parser)
     args = parser.parse_args(argv)
