@@ -25,7 +25,7 @@ int8 moments and the optimizer's state bytes.
 Models (``--models``):
 
 ``mlp``
-    The app's 784-128-10 MLP (:func:`adamkit.app.bench_stability.build_model`), Adam lr 1e-3,
+    The app's 784-128-10 MLP (:func:`adamkit.app.bench_common.build_model`), Adam lr 1e-3,
     ``--epochs`` 5 of batch 256 on all 60,000 Fashion-MNIST training images; the metric is the
     final accuracy on the 10,000 test images.
 ``cnn``
@@ -73,15 +73,15 @@ from torch import nn
 from torch.nn import functional as F
 
 # Shared with the stability benchmark (the underscored helpers too; see the report of issue 7).
-from adamkit.app.bench_stability import (
+from adamkit.app.bench_common import (
     SweepData,
-    _csv_choice,
-    _machine,
-    _set_threads,
-    _torch_dtype,
     build_model,
+    csv_choice,
     load_fashion,
+    machine_info,
+    set_threads,
     subset,
+    torch_dtype,
 )
 
 __all__ = [
@@ -255,7 +255,7 @@ def train_classifier(
     evaluated after every epoch.  Returns a :class:`RunRecord` (NaN is a result, not an error)."""
     from adamkit.app.loop import Trainer
 
-    tdtype = _torch_dtype(variant.dtype)
+    tdtype = torch_dtype(variant.dtype)
     torch.manual_seed(seed)
     net = build_model(model, tuple(data.x_train.shape[1:])).to(tdtype)
     opt = make_optimizer(net, variant, lr=lr)
@@ -468,7 +468,7 @@ def train_lm(
     probe = val[torch.linspace(0, len(val) - 1, min(s.eval_windows, len(val))).long()]
     torch.manual_seed(seed)
     net = CharTransformer(VOCAB, s.d_model, s.layers, s.heads, s.context)
-    net = net.to(_torch_dtype(variant.dtype))
+    net = net.to(torch_dtype(variant.dtype))
     opt = make_optimizer(net, variant, lr=s.lr, weight_decay=s.weight_decay)
 
     def schedule(step: int) -> float:
@@ -737,17 +737,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="smoke run: 1 seed, 1 epoch on 5000 images, 40 LM steps",
     )
     parser.add_argument(
-        "--models", type=_csv_choice(MODELS), default=MODELS, help="default: mlp,cnn,gpt"
+        "--models", type=csv_choice(MODELS), default=MODELS, help="default: mlp,cnn,gpt"
     )
     parser.add_argument(
         "--variants",
-        type=_csv_choice(tuple(VARIANTS)),
+        type=csv_choice(tuple(VARIANTS)),
         default=tuple(VARIANTS),
         help="default: all",
     )
     parser.add_argument(
         "--param-models",
-        type=_csv_choice(MODELS),
+        type=csv_choice(MODELS),
         default=("mlp", "gpt"),
         help="models that run the bf16p-* variants (default: mlp,gpt)",
     )
@@ -911,7 +911,7 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         print(f"adamkit bench accuracy: {bad[0]}", file=sys.stderr)
         return 2
-    _set_threads(args.threads)
+    set_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"-{args.tag}" if args.tag else ""
@@ -938,7 +938,7 @@ def run(args: argparse.Namespace) -> int:
             "loss_tolerance_percent": args.loss_tolerance,
             "quick": quick,
         },
-        "machine": _machine(),
+        "machine": machine_info(),
         "source": _source_state(),
         "data": {},
     }
@@ -985,7 +985,7 @@ def run(args: argparse.Namespace) -> int:
         document["summary"] = summary
         document["seconds"] = time.perf_counter() - started
         document["complete"] = final
-        document["machine"]["loadavg_end"] = _machine()["loadavg"]
+        document["machine"]["loadavg_end"] = machine_info()["loadavg"]
         save()
         plot_curves(runs, png_path)
         if final:

@@ -53,17 +53,28 @@ import itertools
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
+
+from adamkit.app.bench_common import (
+    IMAGE_MODELS,
+    SweepData,
+    build_model,
+    csv_choice,
+    load_fashion,
+    machine_info,
+    set_threads,
+    subset,
+    torch_dtype,
+)
 
 __all__ = [
     "DEFAULT_LRS",
@@ -87,23 +98,13 @@ __all__ = [
 
 #: 1e-4 to 1, half a decade apart (rounded to 1-3 steps, as lr grids usually are).
 DEFAULT_LRS: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
-MODELS: tuple[str, ...] = ("mlp", "cnn")
+MODELS: tuple[str, ...] = IMAGE_MODELS
 DTYPES: tuple[str, ...] = ("fp32", "bf16")
 OPTIMIZERS: tuple[str, ...] = ("torch-adam", "adamkit-default", "adamkit-all")
 SWEEP_OPTIMIZERS: tuple[str, ...] = ("torch-adam", "adamkit-all")
 PARTS: tuple[str, ...] = ("sweep", "faults", "overhead")
 REFERENCE_LR = 1e-3
 FORMAT = "adamkit.bench-stability"
-
-
-class SweepData(NamedTuple):
-    """Float32 images ``(N, H, W)`` in [0, 1] and int64 labels, as torch tensors."""
-
-    x_train: Any
-    y_train: Any
-    x_test: Any
-    y_test: Any
-    source: str
 
 
 @dataclass
@@ -136,53 +137,6 @@ class RunResult:
 # ---------------------------------------------------------------- data, models, optimizers
 
 
-def load_fashion(data_dir: str | None = None) -> SweepData:
-    """Fashion-MNIST through :func:`adamkit.app.data.load_dataset` (``DataError`` if absent)."""
-    from adamkit.app.data import load_dataset
-
-    ds = load_dataset("fashion-mnist", data_dir)
-    return SweepData(
-        torch.from_numpy(ds.x_train),
-        torch.from_numpy(ds.y_train),
-        torch.from_numpy(ds.x_test),
-        torch.from_numpy(ds.y_test),
-        ds.source,
-    )
-
-
-def subset(data: SweepData, n_train: int, seed: int = 0) -> SweepData:
-    """The first ``n_train`` training images of a fixed shuffle (``seed``); test set unchanged."""
-    if n_train >= len(data.y_train):
-        return data
-    keep = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed))
-    keep = keep[:n_train]
-    return data._replace(x_train=data.x_train[keep], y_train=data.y_train[keep])
-
-
-def build_model(kind: str, image_shape: Sequence[int], classes: int = 10) -> Any:
-    """``"mlp"``: the app's MLP (hidden 128); ``"cnn"``: two 3x3 conv + ReLU + 2x2 max-pool
-    blocks (8 and 16 channels) and a linear layer.  Input ``(N, H, W)`` float; logits out.
-    Weights from torch's global generator.  ``ValueError`` for another kind."""
-    from adamkit.app.model import build_mlp
-
-    if kind == "mlp":
-        return build_mlp(tuple(image_shape), 128, classes)
-    if kind == "cnn":
-        h, w = image_shape
-        return nn.Sequential(
-            nn.Unflatten(1, (1, h)),
-            nn.Conv2d(1, 8, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(16 * (h // 4) * (w // 4), classes),
-        )
-    raise ValueError(f"Invalid model: {kind!r} (model must be one of {', '.join(MODELS)})")
-
-
 def make_optimizer(name: str, params: Iterable[Any], lr: float, guard_all: Any = "all") -> Any:
     """``torch-adam``, ``adamkit-default`` (non-finite skip) or ``adamkit-all`` (``guard_all``,
     default the ``"all"`` preset).  ``ValueError`` for another name."""
@@ -195,10 +149,6 @@ def make_optimizer(name: str, params: Iterable[Any], lr: float, guard_all: Any =
     if name == "adamkit-all":
         return Adam(params, lr=lr, guard=guard_all)
     raise ValueError(f"Invalid optimizer: {name!r} (one of {', '.join(OPTIMIZERS)})")
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
 # ---------------------------------------------------------------- fault injection
@@ -297,7 +247,7 @@ def train_run(
 
     from adamkit.app.loop import Trainer
 
-    tdtype = _torch_dtype(dtype)
+    tdtype = torch_dtype(dtype)
     x_train, x_test = data.x_train.to(tdtype), data.x_test.to(tdtype)
     torch.manual_seed(seed)
     net = build_model(model, tuple(data.x_train.shape[1:])).to(tdtype)
@@ -845,33 +795,20 @@ def _csv_floats(text: str) -> tuple[float, ...]:
     return tuple(sorted(set(values)))
 
 
-def _csv_choice(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
-    def parse(text: str) -> tuple[str, ...]:
-        values = tuple(v.strip() for v in text.split(",") if v.strip())
-        bad = [v for v in values if v not in choices]
-        if not values or bad:
-            raise argparse.ArgumentTypeError(
-                f"expected a comma-separated list from {','.join(choices)}, got {text!r}"
-            )
-        return tuple(dict.fromkeys(values))
-
-    return parse
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``adamkit bench stability`` options to ``parser``."""
     parser.description = __doc__.split("\n\n")[0] if __doc__ else None
     parser.add_argument("--quick", action="store_true", help="one seed instead of three")
     parser.add_argument(
-        "--parts", type=_csv_choice(PARTS), default=PARTS, help="default: sweep,faults,overhead"
+        "--parts", type=csv_choice(PARTS), default=PARTS, help="default: sweep,faults,overhead"
     )
     parser.add_argument("--lrs", type=_csv_floats, default=DEFAULT_LRS, help="learning rates")
     parser.add_argument("--seeds", type=int, help="seeds per lr (default 3, 1 with --quick)")
-    parser.add_argument("--models", type=_csv_choice(MODELS), default=MODELS)
-    parser.add_argument("--dtypes", type=_csv_choice(DTYPES), default=DTYPES)
+    parser.add_argument("--models", type=csv_choice(MODELS), default=MODELS)
+    parser.add_argument("--dtypes", type=csv_choice(DTYPES), default=DTYPES)
     parser.add_argument(
         "--optimizers",
-        type=_csv_choice(OPTIMIZERS),
+        type=csv_choice(OPTIMIZERS),
         default=SWEEP_OPTIMIZERS,
         help="optimizers of the sweep (default: torch-adam,adamkit-all)",
     )
@@ -906,29 +843,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
 
 
-def _set_threads(count: int) -> None:
-    """``torch.set_num_threads(count)`` once adamkit's CPU kernel has started: starting numba's
-    OpenMP pool resets torch's thread count, and adamkit's kernel follows torch's count."""
-    from adamkit.torch import Adam
-
-    p = torch.nn.Parameter(torch.zeros(4))
-    p.grad = torch.ones(4)
-    Adam([p], guard=False).step()
-    torch.set_num_threads(count)
-
-
-def _machine() -> dict[str, Any]:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "python": platform.python_version(),
-        "torch": str(torch.__version__),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "loadavg": load,
-    }
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the parts of the benchmark that ``args`` asks for; print and write the results.
 
@@ -938,7 +852,7 @@ def run(args: argparse.Namespace) -> int:
 
     if getattr(args, "merge", None):
         return _run_merge(args)
-    _set_threads(args.threads)
+    set_threads(args.threads)
     seeds = tuple(range(args.seeds if args.seeds else (1 if args.quick else 3)))
     guard_all = args.guard_options if args.guard_options is not None else "all"
     out = Path(args.out)
@@ -961,7 +875,7 @@ def run(args: argparse.Namespace) -> int:
             "guard_all": guard_all,
             "band_fraction": args.band,
         },
-        "machine": _machine(),
+        "machine": machine_info(),
     }
 
     def say(line: str) -> None:
@@ -1058,7 +972,7 @@ def run(args: argparse.Namespace) -> int:
         document["faults"] = faults
         save()
     if "overhead" in args.parts:
-        _set_threads(args.threads)
+        set_threads(args.threads)
         result = guard_overhead()
         document["overhead"] = result
         say(
@@ -1075,7 +989,7 @@ def run(args: argparse.Namespace) -> int:
             pct = result["train_overhead_pct"][name]
             say(f"  {name:<24} median {ms:8.2f} ms  ({pct:+.1f}%)")
     document["seconds"] = time.perf_counter() - started
-    document["machine"]["loadavg_end"] = _machine()["loadavg"]
+    document["machine"]["loadavg_end"] = machine_info()["loadavg"]
     save()
     say(f"results in {json_path}" + (f" and {png_path}" if "sweep" in args.parts else ""))
     return 0
