@@ -469,13 +469,19 @@ class Adam(torch.optim.Optimizer):
             guard is None or not guard.config.skip_nonfinite
         ):
             # int8 codes cannot hold NaN/inf: refuse before anything changes (the guard's
-            # non-finite skip makes this check redundant when it is on).
-            for p in params:
-                if not bool(torch.isfinite(p.grad).all()):
-                    raise ValueError(
-                        f"param group {index}: a gradient holds NaN or inf, which state={state!r} "
-                        "cannot store; nothing was changed (guard=True skips such steps)"
-                    )
+            # non-finite skip makes this check redundant when it is on).  One reduction for the
+            # whole group (global_norm: NaN/inf iff some element is).
+            grads = [p.grad for p in params]
+            # The norm can overflow float32 for huge finite gradients: confirm per tensor.
+            if (
+                params
+                and not math.isfinite(global_norm(grads))
+                and not all(bool(torch.isfinite(g).all()) for g in grads)
+            ):
+                raise ValueError(
+                    f"param group {index}: a gradient holds NaN or inf, which state={state!r} "
+                    "cannot store; nothing was changed (guard=True skips such steps)"
+                )
         return None, params, weight_decay
 
     @staticmethod
