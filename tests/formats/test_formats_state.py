@@ -47,7 +47,7 @@ def block_bound(x: np.ndarray, block: int, gap: float) -> np.ndarray:
 
 def test_get_format_names():
     assert get_format(None) is FORMATS["native"]
-    for name in ("native", "fp32", "bf16", "int8", "int8-companded"):
+    for name in ("native", "fp32", "bf16", "int8", "int8-companded", "int8-blockwise"):
         fmt = get_format(name)
         assert fmt.name == name and isinstance(fmt, StateFormat)
     custom = QuantizedFormat("int8", block=128)
@@ -95,11 +95,13 @@ def test_store_load_accuracy(name, shape, role):
     elif name == "bf16":  # stochastic: strictly less than one bf16 ulp (2**-7 relative)
         assert np.all(np.abs(got - x) < 2.0**-7 * np.abs(x) + 1e-45)
     elif role == "exp_avg":
-        block, gap = (256, bw.max_half_gap(True)) if name == "int8" else (32, 2 / 254)
+        blockwise = name in ("int8", "int8-blockwise")
+        block, gap = (256, bw.max_half_gap(True)) if blockwise else (32, 2 / 254)
         assert np.all(np.abs(got - x) <= block_bound(x, block, gap))
     else:  # second moments are quantized as sqrt(v): the bound holds for sqrt
         # a value that would flush to 0 gets the first level: one full step (1/255) for companded
-        block, gap = (256, bw.max_half_gap(False)) if name == "int8" else (32, 1 / 255)
+        blockwise = name in ("int8", "int8-blockwise")
+        block, gap = (256, bw.max_half_gap(False)) if blockwise else (32, 1 / 255)
         assert np.all(np.abs(np.sqrt(got) - np.sqrt(x)) <= block_bound(np.sqrt(x), block, gap))
         assert np.array_equal(got == 0, x == 0)  # never flushed to zero
 
@@ -114,7 +116,14 @@ def test_small_tensor_threshold_is_4096_elements():
 
 @pytest.mark.parametrize(
     ("name", "per_param"),
-    [("native", 16.0), ("fp32", 8.0), ("bf16", 4.0), ("int8", 2.05), ("int8-companded", 2.25)],
+    [
+        ("native", 16.0),
+        ("fp32", 8.0),
+        ("bf16", 4.0),
+        ("int8", 2.05),
+        ("int8-companded", 2.25),
+        ("int8-blockwise", 2.05),
+    ],
 )
 def test_nbytes_per_parameter_for_both_moments(name, per_param):
     fmt = get_format(name)
@@ -122,7 +131,7 @@ def test_nbytes_per_parameter_for_both_moments(name, per_param):
     m = fmt.zeros((n,), np.float64, role="exp_avg")
     v = fmt.zeros((n,), np.float64, role="exp_avg_sq")
     total = (fmt.nbytes(m) + fmt.nbytes(v)) / n
-    if name == "int8":
+    if name in ("int8", "int8-blockwise"):
         assert total <= per_param
         assert total == 2 + 2 * 4 / 256  # codes + one float32 scale per 256 for each moment
     else:
@@ -333,7 +342,7 @@ def test_hand_written_version_1_dicts_load():
 
 
 def _int8_dict():
-    fmt = get_format("int8")
+    fmt = get_format("int8-blockwise")
     storage = fmt.zeros(BIG, role="exp_avg")
     fmt.store(storage, np.random.default_rng(0).standard_normal(BIG))
     return fmt.to_state_dict(storage)
@@ -364,7 +373,7 @@ def test_state_dict_refusals(change, match):
     d = _int8_dict()
     change(d)
     with pytest.raises(ValueError, match=match):
-        get_format("int8").from_state_dict(d, BIG)
+        get_format("int8-blockwise").from_state_dict(d, BIG)
 
 
 def test_state_dict_refusals_other_formats():
@@ -373,7 +382,7 @@ def test_state_dict_refusals_other_formats():
     with pytest.raises(TypeError, match="mapping"):
         get_format("fp32").from_state_dict([1, 2], (2,))
     with pytest.raises(ValueError, match="shape"):
-        get_format("int8").from_state_dict(_int8_dict(), (5120,))
+        get_format("int8-blockwise").from_state_dict(_int8_dict(), (5120,))
     fmt = get_format("bf16")
     d = fmt.to_state_dict(fmt.zeros((4,)))
     with pytest.raises(ValueError, match="uint16"):
@@ -393,8 +402,22 @@ def test_state_dict_refusals_other_formats():
 
 def test_formats_compare_by_value():
     assert QuantizedFormat("int8") == get_format("int8")
-    assert QuantizedFormat("int8-companded", cp, 32) == get_format("int8-companded")
+    assert QuantizedFormat("int8-blockwise") == get_format("int8-blockwise")
+    assert QuantizedFormat("int8-companded", cp, 32, sqrt_second_moment=True) == get_format(
+        "int8-companded"
+    )
     assert QuantizedFormat("int8", block=128) != get_format("int8")
+    assert QuantizedFormat("int8", cp, 32) != get_format("int8")
+
+
+def test_int8_is_the_blockwise_code_and_companded_has_its_own_name():
+    fmt = get_format("int8")
+    assert fmt.codec is bw and fmt.block == 256 and fmt.sqrt_second_moment
+    assert fmt.zeros(BIG, role="exp_avg").arrays["codes"].dtype == np.uint8
+    companded = get_format("int8-companded")
+    assert companded.codec is cp and companded.block == 32 and companded.sqrt_second_moment
+    assert companded.zeros(BIG, role="exp_avg").arrays["codes"].dtype == np.int8
+    assert companded.zeros(BIG, role="exp_avg_sq").arrays["codes"].dtype == np.uint8
 
 
 def test_int8_nearest_v_sticks_stochastic_v_decays():

@@ -1,15 +1,28 @@
 """Fused compressed-state kernels (``adamkit.kernels.numba_formats``) against the plain path.
 
 The oracle is what an optimizer does without them: ``fmt.load`` -> ``reference.adam_step`` ->
-``fmt.store``.  With nearest rounding (int8, bf16 ``"nearest"``, dense fp32) the fused step is
-bit-identical to it: parameter, codes, scales and bf16 bits, for float32 and float64 parameters,
-every case of the shared table, one step and 300 steps.  Stochastic bf16 rounding uses a hash,
-not the Generator's stream, so it is checked in distribution: each value lands on one of its two
-bf16 neighbours, rounding up with frequency (x - lo) / (hi - lo) within 5 standard deviations in
-each eighth of [0, 1], independently for m and v.
+``fmt.store``.  The kernels compute in float32 with the hardware FMA (the reference rounds its
+multiply-adds through float64), so they follow the oracle within stated tolerances, not bit for
+bit.  One step from the same state (``_assert_near``), for float32 and float64 parameters, every
+case of the shared table, several shapes:
+
+- parameter: ``|p - p_oracle| <= 4 ulp(p_oracle) + 1e-5 max|p_oracle - p_before|``, the update
+  taken per tensor (elementwise it is meaningless where an update is near 0; the update is formed
+  in float32, and with float64 parameters the oracle rounds ``g - m`` to float32 first);
+- 8-bit codes (``"int8"`` companded, ``"int8-blockwise"``) and bf16 bits (nearest rounding): at
+  most one code / one bf16 ulp from the oracle's, at most 1% of them off (measured: none in these
+  tests; a moment one float32 ulp away from the oracle's changes its code only at a tie);
+- block scales and dense float32 moments: within ``1e-6`` of the tensor's largest value (a few
+  float32 ulps; per tensor for the same reason as the parameter).
+
+Stochastic bf16 rounding uses a counter-based hash, not the Generator's stream, so it is checked
+in distribution against the exact float32 moments of the same arithmetic (the fused fp32 kernel):
+each value lands on one of its two bf16 neighbours, rounding up with frequency (x - lo) / (hi -
+lo) within 5 standard deviations in each eighth of [0, 1], m and v uncorrelated; it is
+reproducible from the generator and independent of the thread count, as are all kernels.
 Against full-precision state, 300 steps on a quadratic stay within the relative parameter
-differences in ``TRAJECTORY_TOL`` (measured 2.5-3.5x below them: int8 0.063, bf16 nearest 0.0057,
-bf16 stochastic 0.0016) and reach the same loss within 2% (measured 0.5%).
+differences in ``TRAJECTORY_TOL`` and reach the same loss within 2%; the fused and plain runs stay
+within ``FUSED_VS_PLAIN`` of each other.
 """
 
 from __future__ import annotations
@@ -21,7 +34,14 @@ import pytest
 
 from adamkit.core.config import AdamHyperParams
 from adamkit.core.reference import AdamState, adam_step
-from adamkit.formats import Bf16Format, QuantizedFormat, Storage, get_format, int8_blockwise
+from adamkit.formats import (
+    Bf16Format,
+    QuantizedFormat,
+    Storage,
+    get_format,
+    int8_blockwise,
+    int8_companded,
+)
 from adamkit.testing import cases_for, rel_diff, seeded_rng
 
 numba = pytest.importorskip("numba", reason="the fused kernels need numba (adamkit[fast])")
@@ -33,14 +53,18 @@ CASES = cases_for("numba")
 DTYPES = [np.float32, np.float64]
 NEAREST = {
     "int8": get_format("int8"),
+    "int8-blockwise": get_format("int8-blockwise"),
     "bf16-nearest": Bf16Format("bf16", "nearest"),
     "fp32": get_format("fp32"),
 }
-# int8: 19 full blocks + a partial one; a 2-d parameter of whole blocks; a small (dense) tensor.
+# int8: a partial last block for both codecs; a 2-d parameter of whole blocks; a small (dense) one
 SHAPES = {"partial-block": (5000,), "matrix": (32, 200), "small": (7, 5)}
 ROLES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-TRAJECTORY_TOL = {"int8": 0.15, "bf16-nearest": 0.02, "bf16": 0.005}
+TRAJECTORY_TOL = {"int8": 0.15, "int8-blockwise": 0.15, "bf16-nearest": 0.02, "bf16": 0.005}
+FUSED_VS_PLAIN = {"int8": 0.02, "int8-blockwise": 0.02, "bf16-nearest": 0.005}
 LOSS_TOL = 0.02
+PARAM_ULPS, UPDATE_REL = 4, 1e-5
+CODE_OFF_FRACTION, SCALE_RTOL = 0.01, 1e-6
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -85,14 +109,51 @@ def _fused_step_(fmt, param, grad, sm, sv, sw, step, hp, rng=None):
     nf.adam_update_stored_(fmt, [param], [grad], [sm], [sv], [sw], [step], hp, rng=rng)
 
 
-def _assert_same(fused, plain, what=""):
+def _assert_near(fused, plain, before, what=""):
+    """The tolerances of the module docstring; ``before`` is the parameter before the step."""
     (p1, *s1), (p2, *s2) = fused, plain
-    np.testing.assert_array_equal(p1, p2, err_msg=f"{what} param")
+    with np.errstate(invalid="ignore"):
+        update = np.nanmax(np.abs(p2.astype(np.float64) - before), initial=0.0)
+        tol = PARAM_ULPS * np.spacing(np.abs(p2)).astype(np.float64) + UPDATE_REL * update
+        off = np.abs(p1.astype(np.float64) - p2.astype(np.float64))
+    same_nan = np.isnan(p1) == np.isnan(p2)
+    assert same_nan.all(), f"{what} param: NaN in different places"
+    ok = (off <= tol) | np.isnan(p2) | (p1 == p2)
+    assert ok.all(), f"{what} param: {np.sum(~ok)} elements off, worst {np.nanmax(off / tol):.3g}x"
     for role, a, b in zip(ROLES, s1, s2, strict=True):
         assert (a is None) == (b is None), role
-        if a is not None:
-            for key in b.arrays:
-                np.testing.assert_array_equal(a.arrays[key], b.arrays[key], f"{what} {role} {key}")
+        if a is None:
+            continue
+        assert a.encoding == b.encoding, role
+        for key in b.arrays:
+            x, y = a.arrays[key], b.arrays[key]
+            if key in ("codes", "bits"):
+                codes_off = np.abs(x.astype(np.int64) - y.astype(np.int64))
+                assert codes_off.max(initial=0) <= 1, f"{what} {role} {key}"
+                assert codes_off.mean() <= CODE_OFF_FRACTION, f"{what} {role} {key}"
+            else:
+                _assert_rel_close(x, y, f"{what} {role} {key}")
+
+
+def _assert_rel_close(x, y, what):
+    """Floats within ``SCALE_RTOL`` of the tensor's largest finite magnitude (the house's
+    relative difference); NaN and inf exactly where the oracle has them."""
+    np.testing.assert_array_equal(np.isnan(x), np.isnan(y), err_msg=what)
+    np.testing.assert_array_equal(x[np.isinf(y)], y[np.isinf(y)], err_msg=what)
+    finite = np.isfinite(y)
+    scale = np.max(np.abs(y[finite]), initial=0.0)
+    diff = np.abs(x[finite].astype(np.float64) - y[finite])
+    assert np.all(diff <= SCALE_RTOL * scale), f"{what}: {diff.max() / scale:.3g} of max"
+
+
+def _assert_same(a, b, what=""):
+    (p1, *s1), (p2, *s2) = a, b
+    np.testing.assert_array_equal(p1, p2, err_msg=f"{what} param")
+    for role, x, y in zip(ROLES, s1, s2, strict=True):
+        assert (x is None) == (y is None), role
+        if x is not None:
+            for key in y.arrays:
+                np.testing.assert_array_equal(x.arrays[key], y.arrays[key], f"{what} {role} {key}")
 
 
 def _grad(rng, shape, dtype):
@@ -100,14 +161,14 @@ def _grad(rng, shape, dtype):
     return np.asarray(rng.standard_normal(shape) * rng.random(shape) ** 3, dtype=dtype)
 
 
-# -- one step, bit for bit ------------------------------------------------------------------------
+# -- one step, against the oracle ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("fmt_id", NEAREST)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_step_is_bit_identical_to_load_step_store(case, dtype, fmt_id, shape):
+def test_step_follows_load_step_store(case, dtype, fmt_id, shape):
     fmt, hp = NEAREST[fmt_id], case.hyperparams()
     rng = seeded_rng("fused-step", case.id, dtype.__name__, fmt_id, shape)
     param = np.asarray(rng.standard_normal(shape), dtype=dtype)
@@ -119,27 +180,35 @@ def test_step_is_bit_identical_to_load_step_store(case, dtype, fmt_id, shape):
         fused = [param.copy(), *map(_clone, stored)]
         _plain_step_(fmt, plain[0], grad, *plain[1:], step, hp)
         _fused_step_(fmt, fused[0], grad, *fused[1:], step, hp)
-        _assert_same(fused, plain, f"step {step}")
+        _assert_near(fused, plain, param, f"step {step}")
         np.testing.assert_array_equal(grad, grad_before)  # gradients are only read
-        param, stored = fused[0], fused[1:]
+        param, stored = plain[0], plain[1:]  # the next step starts from the oracle's state
 
 
 @pytest.mark.parametrize("fmt_id", NEAREST)
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_parallel_path_is_bit_identical(fmt_id, amsgrad):
+def test_parallel_path_follows_the_oracle_and_ignores_the_thread_count(fmt_id, amsgrad):
     fmt = NEAREST[fmt_id]
     hp = AdamHyperParams(lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, maximize=True)
     shape = (PARALLEL_MIN_SIZE + 300,)  # threads, and a partial last block
     rng = seeded_rng("fused-parallel", fmt_id, amsgrad)
     param = rng.standard_normal(shape).astype(np.float32)
     stored = _state(fmt, shape, np.float32, amsgrad, rng)
+    grad = _grad(rng, shape, np.float32)
     plain = [param.copy(), *map(_clone, stored)]
-    fused = [param, *stored]
-    for step in (1, 2):
-        grad = _grad(rng, shape, np.float32)
-        _plain_step_(fmt, plain[0], grad, *plain[1:], step, hp)
-        _fused_step_(fmt, fused[0], grad, *fused[1:], step, hp)
-        _assert_same(fused, plain, f"step {step}")
+    _plain_step_(fmt, plain[0], grad, *plain[1:], 2, hp)
+    runs = []
+    previous = numba.get_num_threads()
+    for threads in sorted({1, previous}):
+        numba.set_num_threads(threads)
+        try:
+            fused = [param.copy(), *map(_clone, stored)]
+            _fused_step_(fmt, fused[0], grad, *fused[1:], 2, hp)
+        finally:
+            numba.set_num_threads(previous)
+        _assert_near(fused, plain, param, f"{threads} thread(s)")
+        runs.append(fused)
+    _assert_same(runs[0], runs[-1], "1 thread against all")
 
 
 def _quadratic(rng, n):
@@ -165,11 +234,11 @@ def _full_precision_run(start, curvature, target, hp, steps):
 TRAJECTORY_HP = AdamHyperParams(lr=1e-3, weight_decay=0.01, decoupled_weight_decay=True)
 
 
-@pytest.mark.parametrize("fmt_id", ["int8", "bf16-nearest"])
+@pytest.mark.parametrize("fmt_id", ["int8", "int8-blockwise", "bf16-nearest"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
-def test_300_steps_stay_bit_identical_and_track_full_precision(fmt_id, dtype):
-    """The fused and plain paths agree bit for bit after 300 steps, and stay within
-    TRAJECTORY_TOL and LOSS_TOL of the same run with full-precision state."""
+def test_300_steps_track_the_plain_path_and_full_precision(fmt_id, dtype):
+    """The fused and plain paths stay within FUSED_VS_PLAIN of each other over 300 steps, and
+    within TRAJECTORY_TOL and LOSS_TOL of the same run with full-precision state."""
     fmt, hp = NEAREST[fmt_id], TRAJECTORY_HP
     rng = seeded_rng("fused-trajectory", fmt_id, dtype.__name__)
     n = 16 * 256 + 100
@@ -182,11 +251,11 @@ def test_300_steps_stay_bit_identical_and_track_full_precision(fmt_id, dtype):
         for step in range(1, 301):
             grad = np.asarray(curvature * (param - target), dtype=dtype)
             path(fmt, param, grad, *stored, None, step, hp)
-        runs[name] = (param, *stored, None)
-    _assert_same(runs["fused"], runs["plain"], "300 steps")
+        runs[name] = param
+    assert rel_diff(runs["fused"], runs["plain"]) <= FUSED_VS_PLAIN[fmt_id]
     ref = _full_precision_run(start, curvature, target, hp, 300)
-    assert rel_diff(runs["fused"][0], ref) <= TRAJECTORY_TOL[fmt_id]
-    assert abs(loss(runs["fused"][0]) / loss(ref) - 1) <= LOSS_TOL
+    assert rel_diff(runs["fused"], ref) <= TRAJECTORY_TOL[fmt_id]
+    assert abs(loss(runs["fused"]) / loss(ref) - 1) <= LOSS_TOL
 
 
 # -- sizes and layouts ----------------------------------------------------------------------------
@@ -202,18 +271,19 @@ SIZES = {
 
 
 @pytest.mark.parametrize("shape", SIZES.values(), ids=SIZES.keys())
-@pytest.mark.parametrize("fmt_id", ["int8", "bf16-nearest"])
+@pytest.mark.parametrize("fmt_id", ["int8", "int8-blockwise", "bf16-nearest"])
 def test_sizes_and_shapes(fmt_id, shape):
     fmt, hp = NEAREST[fmt_id], AdamHyperParams(lr=1e-2, amsgrad=True)
     rng = seeded_rng("fused-sizes", fmt_id, shape)
     param = np.asarray(rng.standard_normal(shape), dtype=np.float32)
+    before = param.copy()
     stored = _state(fmt, shape, np.float32, True, rng)
     plain = [param.copy(), *map(_clone, stored)]
     grad = _grad(rng, shape, np.float32)
     _plain_step_(fmt, plain[0], grad, *plain[1:], 1, hp)
     _fused_step_(fmt, param, grad, *stored, 1, hp)
     assert param.shape == shape
-    _assert_same([param, *stored], plain)
+    _assert_near([param, *stored], plain, before)
 
 
 def test_empty_parameters_are_skipped_and_several_parameters_update_together():
@@ -222,6 +292,7 @@ def test_empty_parameters_are_skipped_and_several_parameters_update_together():
     shapes = [(0,), (5000,), (3, 0), (10,), (PARALLEL_MIN_SIZE,)]
     steps = [4, 1, 2, 7, 3]
     params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    before = [p.copy() for p in params]
     states = [_state(fmt, s, np.float32, False, rng) for s in shapes]
     grads = [_grad(rng, s, np.float32) for s in shapes]
     plain = [[p.copy(), *map(_clone, st)] for p, st in zip(params, states, strict=True)]
@@ -237,8 +308,61 @@ def test_empty_parameters_are_skipped_and_several_parameters_update_together():
         steps,
         hp,
     )
-    for p, st, row in zip(params, states, plain, strict=True):
-        _assert_same([p, *st], row)
+    for p, st, row, old in zip(params, states, plain, before, strict=True):
+        _assert_near([p, *st], row, old)
+
+
+def test_the_tolerance_check_fails_for_a_wrong_step():
+    """The comparison above is not vacuous: a step with beta2 off by 1e-3 fails it."""
+    fmt = NEAREST["int8"]
+    rng = seeded_rng("fused-wrong")
+    param = rng.standard_normal(5000).astype(np.float32)
+    stored = _state(fmt, (5000,), np.float32, False, rng)
+    grad = _grad(rng, (5000,), np.float32)
+    plain = [param.copy(), *map(_clone, stored)]
+    fused = [param.copy(), *map(_clone, stored)]
+    _plain_step_(fmt, plain[0], grad, *plain[1:], 3, AdamHyperParams(lr=1e-2))
+    _fused_step_(fmt, fused[0], grad, *fused[1:], 3, AdamHyperParams(lr=1e-2, beta2=0.998))
+    with pytest.raises(AssertionError):
+        _assert_near(fused, plain, param)
+
+
+# -- the companded codes of the kernel against the codec ------------------------------------------
+
+
+@numba.njit
+def _companded_codes(x, s):
+    m = np.empty(x.size, np.int8)
+    r = np.empty(x.size, np.uint8)
+    for i in range(x.size):
+        m[i] = nf._cmp_code_m(x[i], s)
+        r[i] = nf._cmp_code_root(abs(x[i]) * (np.float32(255.0) / s))
+    return m, r
+
+
+def test_companded_codes_and_decode_table_match_the_codec():
+    """The kernel's one-division signed code and its multiply-by-255/s unsigned code against
+    ``int8_companded.encode`` on values spread over the block range (and the ends): equal except
+    at a tie, where the neighbour is allowed; the decode table is the codec's decode."""
+    rng = seeded_rng("fused-companded-codes")
+    block = int8_companded.DEFAULT_BLOCK
+    n = block * 4096
+    x = np.clip(rng.standard_normal(n) * 10.0 ** rng.uniform(-4, 0, n), -1.9, 1.9)
+    x = x.astype(np.float32)
+    x[::block] = np.where(x[::block] < 0, -2.0, 2.0)  # each block's maximum
+    x[1::block] = 0.0
+    x[2::block] = 1e-30  # below the first level: kept non-zero as a second moment
+    m_codes, _ = int8_companded.encode(x, block, True)
+    r_codes, _ = int8_companded.encode(np.abs(x), block, False, keep_nonzero=True)
+    got_m, got_r = _companded_codes(x, np.float32(2.0))
+    for got, want in ((got_m, m_codes), (got_r, r_codes)):
+        off = np.abs(got.astype(np.int64) - want.astype(np.int64))
+        assert off.max() <= 1 and off.mean() <= 1e-3
+    assert np.all(got_r[x != 0] > 0)
+    codes = np.arange(-127, 128).astype(np.int8)
+    want = int8_companded.decode(codes, np.ones(1, np.float32), block=codes.size)
+    table = nf._CMP_DECODE[codes.view(np.uint8)]
+    np.testing.assert_allclose(table, want, rtol=2.0**-22, atol=0)
 
 
 # -- stochastic bf16 --------------------------------------------------------------------------
@@ -248,6 +372,22 @@ def _trunc_bits(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """bf16 bits of ``x`` truncated toward zero, and the dropped 16 bits."""
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     return (bits >> 16).astype(np.uint16), (bits & 0xFFFF).astype(np.int64)
+
+
+def _exact_fp32_moments(fmt, param, grad, stored, step, hp):
+    """The float32 moments the bf16 kernel rounds: the same arithmetic on float32 storages."""
+    dense = get_format("fp32")
+    copies = []
+    for role, st in zip(ROLES, stored, strict=True):
+        if st is None:
+            copies.append(None)
+            continue
+        twin = dense.zeros(st.shape, role=role)
+        dense.store(twin, fmt.load(st))
+        copies.append(twin)
+    p = param.copy()
+    _fused_step_(dense, p, grad, *copies, step, hp)
+    return p, [None if c is None else dense.load(c) for c in copies]
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
@@ -260,13 +400,11 @@ def test_stochastic_bf16_rounds_to_a_neighbour_at_the_right_rate(amsgrad):
     param = rng.standard_normal(n).astype(np.float32)
     stored = _state(fmt, (n,), np.float32, amsgrad, rng, store_rng=rng)
     grad = _grad(rng, (n,), np.float32)
-    # The exact float32 moments, from the plain path's arithmetic.
-    loaded = [None if st is None else fmt.load(st) for st in stored]
-    new_param, exact = adam_step(param, grad, AdamState(0, *loaded), hp)
+    new_param, exact = _exact_fp32_moments(fmt, param, grad, stored, 1, hp)
     _fused_step_(fmt, param, grad, *stored, 1, hp, rng=np.random.default_rng(5))
     np.testing.assert_array_equal(param, new_param)  # the parameter does not depend on rounding
     ups = []
-    for role, st, x in zip(ROLES, stored, exact[1:], strict=True):
+    for role, st, x in zip(ROLES, stored, exact, strict=True):
         if st is None:
             continue
         low, dropped = _trunc_bits(x)
@@ -328,29 +466,36 @@ def test_stochastic_bf16_tracks_full_precision_state():
 # -- non-finite values ----------------------------------------------------------------------------
 
 
-def test_int8_block_with_non_finite_moments_is_left_unchanged():
-    fmt, hp = NEAREST["int8"], AdamHyperParams(lr=1e-2)
-    rng = seeded_rng("fused-nan")
+@pytest.mark.parametrize("fmt_id", ["int8", "int8-blockwise"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_int8_block_with_non_finite_moments_is_left_unchanged(fmt_id, amsgrad):
+    fmt, hp = NEAREST[fmt_id], AdamHyperParams(lr=1e-2, amsgrad=amsgrad)
+    rng = seeded_rng("fused-nan", fmt_id, amsgrad)
     n, block = 5000, fmt.block
     param = rng.standard_normal(n).astype(np.float32)
-    stored = _state(fmt, (n,), np.float32, False, rng)
+    stored = _state(fmt, (n,), np.float32, amsgrad, rng)
     before = [param.copy(), *map(_clone, stored)]
     grad = _grad(rng, (n,), np.float32)
     grad[3 * block + 17] = np.nan
-    with pytest.raises(ValueError, match=r"parameter 0: 1 block\(s\) .* non-finite"):
+    grad[n - 1] = np.inf  # in the partial last block
+    with pytest.raises(ValueError, match=r"parameter 0: 2 block\(s\) .* non-finite"):
         _fused_step_(fmt, param, grad, *stored, 1, hp)
-    bad = slice(3 * block, 4 * block)
-    np.testing.assert_array_equal(param[bad], before[0][bad])
-    for st, old in zip(stored[:2], before[1:3], strict=True):
-        np.testing.assert_array_equal(st.arrays["codes"][bad], old.arrays["codes"][bad])
-        np.testing.assert_array_equal(st.arrays["scales"][3], old.arrays["scales"][3])
-    assert np.all(param[: 3 * block] != before[0][: 3 * block])  # the other blocks moved
+    last = (n - 1) // block
+    for b in (3, last):
+        bad = slice(b * block, (b + 1) * block)
+        np.testing.assert_array_equal(param[bad], before[0][bad])
+        for st, old in zip(stored, before[1:], strict=True):
+            if st is not None:
+                np.testing.assert_array_equal(st.arrays["codes"][bad], old.arrays["codes"][bad])
+                assert st.arrays["scales"][b] == old.arrays["scales"][b]
+    assert np.mean(param[: 3 * block] != before[0][: 3 * block]) > 0.9  # the others moved
 
 
 def test_bf16_keeps_nan_and_inf_like_the_codec():
     fmt, hp = NEAREST["bf16-nearest"], AdamHyperParams(lr=1e-2, amsgrad=True)
     rng = seeded_rng("fused-bf16-nan")
     param = rng.standard_normal(300).astype(np.float32)
+    before = param.copy()
     stored = _state(fmt, (300,), np.float32, True, rng)
     grad = _grad(rng, (300,), np.float32)
     grad[[3, 50]] = [np.nan, -np.inf]
@@ -359,10 +504,14 @@ def test_bf16_keeps_nan_and_inf_like_the_codec():
     with np.errstate(over="ignore", invalid="ignore"):
         _plain_step_(fmt, plain[0], grad, *plain[1:], 2, hp)
     _fused_step_(fmt, param, grad, *stored, 2, hp)
-    _assert_same([param, *stored], plain)
+    _assert_near([param, *stored], plain, before)
     assert np.isnan(param[[3, 50]]).all()
     assert stored[1].arrays["bits"][100] == 0x7F80  # v = +inf: the step is m / inf = 0
     assert param[100] == plain[0][100] and np.isfinite(param[100])
+    for st, pl in zip(stored, plain[1:], strict=True):  # NaN and inf exactly where the oracle has
+        a, b = fmt.load(st), fmt.load(pl)
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+        np.testing.assert_array_equal(a[np.isinf(b)], b[np.isinf(b)])
 
 
 # -- errors, qualification, fallback ----------------------------------------------------------
@@ -396,6 +545,7 @@ def test_fallback_gets_the_parameters_that_do_not_qualify():
     rng = seeded_rng("fused-fallback")
     params = [rng.standard_normal(5000).astype(np.float32) for _ in range(2)]
     params[1] = np.asfortranarray(rng.standard_normal((100, 50)).astype(np.float32))
+    before = params[0].copy()
     states = [_state(fmt, p.shape, np.float32, False, rng) for p in params]
     grads = [_grad(rng, p.shape, np.float32) for p in params]
     expected = [params[0].copy(), *map(_clone, states[0])]
@@ -410,15 +560,16 @@ def test_fallback_gets_the_parameters_that_do_not_qualify():
     nf.adam_update_stored_(fmt, params, grads, ms, vs, [None, None], [3, 3], hp, fallback=fallback)
     assert len(calls) == 1 and calls[0][0] is fmt and calls[0][1] is params[1]
     assert calls[0][6:] == (3, hp, None)
-    _assert_same([params[0], *states[0]], expected)
+    _assert_near([params[0], *states[0]], expected, before)
 
 
 def test_supports_and_qualifies():
-    assert nf.supports(get_format("int8")) and nf.supports(get_format("bf16"))
-    assert nf.supports(get_format("fp32"))
+    for name in ("int8", "int8-companded", "int8-blockwise", "bf16", "fp32"):
+        assert nf.supports(get_format(name)), name
     assert not nf.supports(get_format("native"))  # numba_cpu's
-    assert not nf.supports(get_format("int8-companded"))
     assert not nf.supports(QuantizedFormat("int8", rounding="stochastic"))
+    assert not nf.supports(QuantizedFormat("int8", int8_companded, 64))  # not the compiled block
+    assert not nf.supports(QuantizedFormat("int8", sqrt_second_moment=False))
     fmt = NEAREST["int8"]
     p = np.zeros(5000, np.float32)
     m, v = (fmt.zeros(p.shape, role=r) for r in ROLES[:2])
@@ -433,7 +584,17 @@ def test_supports_and_qualifies():
     assert not nf.qualifies(fmt, frozen, p.copy(), m, v)
 
 
-# -- the kernel's code lookup ------------------------------------------
+def test_all_finite():
+    a = np.arange(100_000, dtype=np.float32)
+    assert nf.all_finite([a, a.astype(np.float64), a[::3], np.zeros(0)])
+    for bad in (np.nan, np.inf, -np.inf):
+        b = a.copy()
+        b[-1] = bad
+        assert not nf.all_finite([a, b])
+        assert not nf.all_finite([b[::7][:-1], b[-1:]])  # strided: NumPy's check
+
+
+# -- the kernel's dynamic-map code lookup ---------------------------------------
 
 
 @numba.njit

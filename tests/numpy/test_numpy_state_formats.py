@@ -18,7 +18,6 @@ import pytest
 
 from adamkit.formats import Storage, get_format
 from adamkit.formats.int8_blockwise import max_half_gap
-from adamkit.kernels import numba_available
 from adamkit.numpy import Adam, AdamW
 from adamkit.testing import assert_trees_equal, rel_diff
 
@@ -252,9 +251,6 @@ def test_option_errors():
         Adam([{"params": p, "state": 8}])
     with pytest.raises(TypeError, match=r"seed must be None or an int >= 0, got int -1"):
         Adam(p, seed=-1)
-    if numba_available():
-        with pytest.raises(TypeError, match="no fused kernel for state format 'int8-companded'"):
-            Adam(p, state="int8-companded", impl="numba")
 
 
 @pytest.mark.parametrize("state", ["fp32", "bf16", "int8"])

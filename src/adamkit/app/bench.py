@@ -16,6 +16,14 @@ and the two models of the training app, ``mlp784`` (784-128-10) and ``digits`` (
 with ``torch.nn``; for those, the ``fwd+bwd`` row times the rest of a training iteration (forward
 and backward pass of a batch of 256) to put the step time in proportion.
 
+State formats: ``adamkit.torch[bf16]``, ``adamkit.torch[int8]`` (``guard=False``; ``+guard`` with
+the default guard), ``adamkit.numpy[...]`` and ``adamkit.kernels[...]`` (the fused kernels without
+a front end), against the 8-bit optimizers of ``bitsandbytes`` (``bnb.Adam8bit``) and ``torchao``
+(``torchao.AdamW8bit`` with ``weight_decay=0``; its compilation falls in the warm-up), neither a
+dependency.  The ``B/param`` column is the optimizer state each candidate holds, measured from its
+storage after the warm-up (``state_nbytes()`` for adamkit, the tensors in ``optimizer.state`` for
+torch, bitsandbytes and torchao), divided by the number of parameters.
+
 Results go to stdout as a table and, with all timings, to ``--json``.  Candidates that cannot run
 here (JAX not installed, a front end missing) are listed with the reason instead of failing.
 """
@@ -211,7 +219,8 @@ def _adamkit_torch(**options: Any) -> Callable[[Problem], StepFn]:
         except ImportError as exc:
             raise Skip(f"adamkit.torch is not available: {exc}") from None
         opt = Adam(problem.torch_params(), lr=LR, betas=(BETA1, BETA2), eps=EPS, **options)
-        return opt.step
+        nbytes = getattr(opt, "state_nbytes", None)
+        return _with_state_bytes(opt.step, nbytes) if callable(nbytes) else opt.step
 
     return setup
 
@@ -252,7 +261,7 @@ def _torch_optim(**flags: bool) -> Callable[[Problem], StepFn]:
         opt = torch.optim.Adam(
             problem.torch_params(), lr=LR, betas=(BETA1, BETA2), eps=EPS, **flags
         )
-        return opt.step
+        return _with_state_bytes(opt.step, _torch_state_nbytes(opt))
 
     return setup
 
@@ -320,6 +329,126 @@ def _setup_optax(problem: Problem) -> StepFn:
     return step
 
 
+def _tensor_nbytes(value: Any) -> int:
+    """Bytes held by a state entry: plain tensors, tensor subclasses (torchao's quantized state:
+    their inner tensors) and containers of them; anything else counts 0."""
+    import torch
+
+    if isinstance(value, dict):
+        return sum(_tensor_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_nbytes(v) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return 0
+    if type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):
+        names, _ = value.__tensor_flatten__()
+        return sum(_tensor_nbytes(getattr(value, name)) for name in names)
+    return value.numel() * value.element_size()
+
+
+def _torch_state_nbytes(opt: Any) -> Callable[[], int]:
+    return lambda: sum(_tensor_nbytes(entry) for entry in opt.state.values())
+
+
+def _with_state_bytes(step: StepFn, nbytes: Callable[[], int]) -> StepFn:
+    """``step`` with ``state_nbytes()`` attached: bytes of optimizer state it holds (read after
+    the warm-up, when lazily created state exists)."""
+
+    def run() -> None:
+        step()
+
+    run.state_nbytes = nbytes  # type: ignore[attr-defined]
+    return run
+
+
+def _adamkit_torch_state(state: str, **options: Any) -> Callable[[Problem], StepFn]:
+    def setup(problem: Problem) -> StepFn:
+        _need("torch", "pip install adamkit[torch]")
+        try:
+            from adamkit.torch import Adam
+        except ImportError as exc:
+            raise Skip(f"adamkit.torch is not available: {exc}") from None
+        opt = Adam(
+            problem.torch_params(), lr=LR, betas=(BETA1, BETA2), eps=EPS, state=state, **options
+        )
+        return _with_state_bytes(opt.step, opt.state_nbytes)
+
+    return setup
+
+
+def _adamkit_numpy_state(state: str) -> Callable[[Problem], StepFn]:
+    def setup(problem: Problem) -> StepFn:
+        try:
+            from adamkit.numpy import Adam
+        except ImportError as exc:
+            raise Skip(f"adamkit.numpy is not available: {exc}") from None
+        opt = Adam(problem.params, lr=LR, betas=(BETA1, BETA2), eps=EPS, state=state)
+        nbytes = getattr(opt, "state_nbytes", None)
+        step = lambda: opt.step(problem.grads)  # noqa: E731
+        return _with_state_bytes(step, nbytes) if callable(nbytes) else step
+
+    return setup
+
+
+def _setup_kernel_stored(state: str) -> Callable[[Problem], StepFn]:
+    """adam_update_stored_ (impl='auto') on NumPy arrays, each tensor in the format the
+    optimizers give it (kernels.stored.param_format): the kernels without a front end."""
+
+    def setup(problem: Problem) -> StepFn:
+        _need("numba", "pip install adamkit[fast]")
+        from adamkit.kernels.stored import adam_update_stored_, param_format
+
+        hp, rng, count = _hp(), np.random.default_rng(0), [0]
+        groups: dict[str, tuple[Any, list[Any]]] = {}
+        for p, g in zip(problem.params, problem.grads, strict=True):
+            fmt = param_format(state, p.shape)
+            row = (p, g, fmt.zeros(p.shape, role="exp_avg"), fmt.zeros(p.shape, role="exp_avg_sq"))
+            groups.setdefault(fmt.name, (fmt, []))[1].append(row)
+
+        def step() -> None:
+            count[0] += 1
+            for fmt, rows in groups.values():
+                ps, gs, ms, vs = (list(c) for c in zip(*rows, strict=True))
+                nones, steps = [None] * len(rows), [count[0]] * len(rows)
+                adam_update_stored_(fmt, ps, gs, ms, vs, nones, steps, hp, rng=rng)
+
+        def nbytes() -> int:
+            return sum(
+                fmt.nbytes(st) for fmt, rows in groups.values() for row in rows for st in row[2:]
+            )
+
+        return _with_state_bytes(step, nbytes)
+
+    return setup
+
+
+def _setup_bnb_adam8bit(problem: Problem) -> StepFn:
+    _need("torch", "pip install adamkit[torch]")
+    bnb = _need("bitsandbytes", "pip install bitsandbytes")
+    try:
+        opt = bnb.optim.Adam8bit(problem.torch_params(), lr=LR, betas=(BETA1, BETA2), eps=EPS)
+        opt.step()  # fails here when this build has no CPU 8-bit optimizer
+    except Exception as exc:  # any failure of a third-party optimizer is a skip
+        raise Skip(f"bitsandbytes.optim.Adam8bit does not run here: {exc}") from None
+    return _with_state_bytes(opt.step, _torch_state_nbytes(opt))
+
+
+def _setup_torchao_adamw8bit(problem: Problem) -> StepFn:
+    _need("torch", "pip install adamkit[torch]")
+    _need("torchao", "pip install torchao")
+    try:
+        from torchao.optim import AdamW8bit
+
+        # weight_decay=0: the same update as Adam; the first step compiles (warm-up, untimed)
+        opt = AdamW8bit(
+            problem.torch_params(), lr=LR, betas=(BETA1, BETA2), eps=EPS, weight_decay=0.0
+        )
+        opt.step()
+    except Exception as exc:  # any failure of a third-party optimizer is a skip
+        raise Skip(f"torchao.optim.AdamW8bit does not run here: {exc}") from None
+    return _with_state_bytes(opt.step, _torch_state_nbytes(opt))
+
+
 def _setup_fwd_bwd(problem: Problem) -> StepFn:
     """Forward and backward pass of the app's MLP (not an optimizer: the rest of an iteration)."""
     if problem.layout not in _MLP_SIZES:
@@ -364,8 +493,63 @@ CANDIDATES: dict[str, Candidate] = {
         Candidate("numpy.inplace", "NumPy ufunc chain with out= (no temporaries)", _setup_inplace),
         Candidate("optax", "optax.adam under jax.jit", _setup_optax),
         Candidate("fwd+bwd", "app layouts: forward + backward, batch 256", _setup_fwd_bwd),
+        Candidate(
+            "adamkit.torch[bf16]",
+            "adamkit.torch.Adam(state='bf16', guard=False): bf16 moments, stochastic rounding",
+            _adamkit_torch_state("bf16", guard=False),
+        ),
+        Candidate(
+            "adamkit.torch[int8]",
+            "adamkit.torch.Adam(state='int8', guard=False): companded 8-bit moments, blocks of 32",
+            _adamkit_torch_state("int8", guard=False),
+        ),
+        Candidate(
+            "adamkit.torch[bf16]+guard",
+            "adamkit.torch.Adam(state='bf16'), default guard",
+            _adamkit_torch_state("bf16"),
+        ),
+        Candidate(
+            "adamkit.torch[int8]+guard",
+            "adamkit.torch.Adam(state='int8'), default guard",
+            _adamkit_torch_state("int8"),
+        ),
+        Candidate(
+            "adamkit.torch[int8-blockwise]",
+            "adamkit.torch.Adam(state='int8-blockwise', guard=False): dynamic map, blocks of 256",
+            _adamkit_torch_state("int8-blockwise", guard=False),
+        ),
+        Candidate(
+            "adamkit.numpy[bf16]", "adamkit.numpy.Adam(state='bf16')", _adamkit_numpy_state("bf16")
+        ),
+        Candidate(
+            "adamkit.numpy[int8]", "adamkit.numpy.Adam(state='int8')", _adamkit_numpy_state("int8")
+        ),
+        Candidate(
+            "adamkit.kernels[bf16]",
+            "kernels.stored.adam_update_stored_ on NumPy arrays, state 'bf16'",
+            _setup_kernel_stored("bf16"),
+        ),
+        Candidate(
+            "adamkit.kernels[int8]",
+            "kernels.stored.adam_update_stored_ on NumPy arrays, state 'int8' (small: fp32)",
+            _setup_kernel_stored("int8"),
+        ),
+        Candidate(
+            "bnb.Adam8bit",
+            "bitsandbytes.optim.Adam8bit (block-wise 8-bit state; not a dependency)",
+            _setup_bnb_adam8bit,
+        ),
+        Candidate(
+            "torchao.AdamW8bit",
+            "torchao.optim.AdamW8bit(weight_decay=0), 8-bit state, torch.compile; not a dependency",
+            _setup_torchao_adamw8bit,
+        ),
     )
 }
+SLOW_CANDIDATES = ("bnb.Adam8bit", "torchao.AdamW8bit")
+"""Left out of the default run: on a CPU their steps take seconds at 100M parameters (name them
+with ``--candidates``)."""
+DEFAULT_CANDIDATES = tuple(name for name in CANDIDATES if name not in SLOW_CANDIDATES)
 QUICK_CANDIDATES = (
     FLOOR,
     "adamkit.kernels",
@@ -388,6 +572,7 @@ class Timing:
     n_params: int
     n_tensors: int
     times: list[float]
+    state_nbytes: int | None = None
 
     @property
     def median(self) -> float:
@@ -422,7 +607,16 @@ def _measure(
             fn()
             times[name].append(clock() - start)
     n_params, n_tensors = problem.size, len(problem.params)
-    return [Timing(layout, name, n_params, n_tensors, times[name]) for name in order]
+    return [
+        Timing(layout, name, n_params, n_tensors, times[name], _state_nbytes(steps[name]))
+        for name in order
+    ]
+
+
+def _state_nbytes(step: StepFn) -> int | None:
+    """Bytes of optimizer state the candidate holds, measured from its storage (None: unknown)."""
+    nbytes = getattr(step, "state_nbytes", None)
+    return int(nbytes()) if callable(nbytes) else None
 
 
 def _summaries(timings: list[Timing]) -> list[dict[str, Any]]:
@@ -447,6 +641,10 @@ def _summaries(timings: list[Timing]) -> list[dict[str, Any]]:
                 "mparams_per_s": t.n_params / t.median / 1e6,
                 "vs_torch_fused": base.median / t.median if base else None,
                 "pct_of_floor": 100.0 * floor.median / t.median if floor else None,
+                "state_nbytes": t.state_nbytes,
+                "state_bytes_per_param": (
+                    t.state_nbytes / t.n_params if t.state_nbytes is not None else None
+                ),
                 "times_ms": [x * 1e3 for x in t.times],
             }
         )
@@ -457,9 +655,10 @@ def _table(rows: list[dict[str, Any]]) -> str:
     def fmt(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    head = f"{'layout':<9} {'candidate':<17} {'ms/step':>9} {'min ms':>9} {'IQR ms':>15}"
+    width = max([17, *(len(r["candidate"]) for r in rows)])
+    head = f"{'layout':<9} {'candidate':<{width}} {'ms/step':>9} {'min ms':>9} {'IQR ms':>15}"
     head += f" {'Mparam/s':>9}"
-    head += f" {'x fused':>8} {'% floor':>8}"
+    head += f" {'x fused':>8} {'% floor':>8} {'B/param':>8}"
     lines = [head, "-" * len(head)]
     layout = None
     for r in rows:
@@ -468,10 +667,10 @@ def _table(rows: list[dict[str, Any]]) -> str:
         layout = r["layout"]
         iqr = f"{r['q1_ms']:.3g}-{r['q3_ms']:.3g}"
         lines.append(
-            f"{r['layout']:<9} {r['candidate']:<17} {r['median_ms']:>9.3f} {r['min_ms']:>9.3f} "
-            f"{iqr:>15} "
+            f"{r['layout']:<9} {r['candidate']:<{width}} {r['median_ms']:>9.3f} "
+            f"{r['min_ms']:>9.3f} {iqr:>15} "
             f"{r['mparams_per_s']:>9.1f} {fmt(r['vs_torch_fused'], '8.2f')} "
-            f"{fmt(r['pct_of_floor'], '8.1f')}"
+            f"{fmt(r['pct_of_floor'], '8.1f')} {fmt(r['state_bytes_per_param'], '8.2f')}"
         )
     return "\n".join(lines)
 
@@ -547,7 +746,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--candidates",
         type=_csv(tuple(CANDIDATES)),
-        help=f"comma-separated, from {','.join(CANDIDATES)} (default: all)",
+        help=f"comma-separated, from {','.join(CANDIDATES)} (default: all but "
+        f"{', '.join(SLOW_CANDIDATES)})",
     )
     parser.add_argument("--repeats", type=int, help="timed steps per candidate (default 15)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
@@ -565,7 +765,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args`` (from :func:`configure_parser`); return 0."""
     layouts = args.layouts or list(QUICK_LAYOUTS if args.quick else DEFAULT_LAYOUTS)
-    names = args.candidates or list(QUICK_CANDIDATES if args.quick else CANDIDATES)
+    names = args.candidates or list(QUICK_CANDIDATES if args.quick else DEFAULT_CANDIDATES)
     repeats = args.repeats if args.repeats is not None else (5 if args.quick else 15)
     if repeats < 1 or args.warmup < 1:
         raise SystemExit("adamkit bench: --repeats and --warmup must be at least 1")

@@ -9,7 +9,8 @@ Layers (compute in fp32, store compressed):
    :class:`~adamkit.formats.base.StateFormat` interface: ``zeros``, ``load``, ``store``,
    ``nbytes``, ``to_state_dict``/``from_state_dict``;
 3. :func:`get_format` resolves a group's ``state=`` option (``None``, ``"fp32"``, ``"bf16"``,
-   ``"int8"``, ``"int8-companded"``).
+   ``"int8"`` (the dynamic map in blocks of 256; also ``"int8-blockwise"``) and
+   ``"int8-companded"`` (elementwise companded, blocks of 32)).
 
 The dtype policy per format and the small-tensor rule are written in :mod:`adamkit.formats.base`.
 Only NumPy is imported.

@@ -22,15 +22,17 @@ format              storage                             ``load`` returns        
 ``int8``            uint8 dynamic-map codes + float32   new float32 array        1 + 4/256
                     absmax per block of 256; second
                     moments as ``sqrt(v)``
+``int8-blockwise``  the same codec under its own name   new float32 array        1 + 4/256
 ``int8-companded``  int8/uint8 companded codes +        new float32 array        1 + 4/32
                     float32 absmax per block of 32;
                     second moments as ``sqrt(v)``
 ==================  ==================================  =======================  ============
 
-Small-tensor rule: formats that keep a per-block scale (``int8``, ``int8-companded``) store
-tensors with fewer than :data:`MIN_QUANTIZED_SIZE` elements (4096, bitsandbytes'
-``min_8bit_size``) densely in float32, because for biases and norms the saving is negligible and
-their moments are the most sensitive.  ``bf16`` has no per-tensor overhead and applies to all.
+Small-tensor rule: formats that keep a per-block scale (``int8``, ``int8-companded``,
+``int8-blockwise``) store tensors with fewer than :data:`MIN_QUANTIZED_SIZE` elements (4096,
+bitsandbytes' ``min_8bit_size``) densely in float32, because for biases and norms the saving is
+negligible and their moments are the most sensitive.  ``bf16`` has no per-tensor overhead and
+applies to all.
 
 Signedness comes from the role: ``exp_avg`` is signed, the second moments are non-negative
 (:data:`SIGNED_ROLES`), so quantized formats can use a different code for each.

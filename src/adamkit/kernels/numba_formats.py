@@ -1,11 +1,11 @@
-r"""Fused, in-place Adam steps on compressed state (bf16 and block-wise int8), compiled with numba.
+r"""Fused, in-place Adam steps on compressed state (bf16 and 8-bit), compiled with numba.
 
-"Compute in fp32, store compressed" in one pass over memory: for each element (each block of 256
-for int8) the kernel decodes ``m``, ``v`` (and ``v_max`` with AMSGrad), performs the step of
-:func:`adamkit.core.reference.adam_step`, writes the parameter and re-encodes the moments into
-the same storage.  Each byte of the parameter, gradient and storage is read once and written
-once; no float32 copy of a moment ever exists in memory.  The plain path it replaces, and the
-oracle of its tests, is::
+"Compute in fp32, store compressed" in one pass over memory: for each element (each block for the
+8-bit formats) the kernel decodes ``m``, ``v`` (and ``v_max`` with AMSGrad), performs the step of
+:func:`adamkit.core.reference.adam_step` in float32, writes the parameter and re-encodes the
+moments into the same storage.  Each byte of the parameter, gradient and storage is read once and
+written once; no float32 copy of a moment ever exists in memory.  The plain path, which stays the
+specification and the oracle of the tests, is::
 
     m, v = fmt.load(sm), fmt.load(sv)
     p, state = adam_step(p, g, AdamState(t - 1, m, v), hp)
@@ -13,53 +13,107 @@ oracle of its tests, is::
 
 Storage encodings handled (``Storage.encoding``):
 
-- ``"dense"``: float32 moments (the int8 format's small tensors, fewer than 4096 elements, and the
-  ``fp32`` format).
+- ``"dense"``: float32 moments (the small tensors of the 8-bit formats, and the ``fp32`` format).
 - ``"bf16"``: ``uint16`` bfloat16 bits; nearest-even or stochastic rounding, as the format says.
   NaN and inf are kept, as :mod:`adamkit.formats.bf16` keeps them.
-- ``"int8"``: ``uint8`` dynamic-map codes with a float32 absmax per block, second moments as
-  ``sqrt(v)``, nearest rounding (:mod:`adamkit.formats.int8_blockwise`, the registered ``"int8"``
-  format).  A block's new absmax must be known before any of it is encoded, so the block's new
-  values go to small per-thread buffers (``block`` floats each), then the block is encoded.
+- ``"int8"``: :mod:`adamkit.formats.int8_companded` codes, blocks of 32 (the registered
+  ``"int8-companded"`` format; this encoding name predates the registry's): ``m`` as
+  ``rint(254 x / (s + |x|))`` in int8, ``sqrt(v)`` as ``rint(255 r / s)`` in uint8, one float32
+  absmax ``s`` per block.  Decoding ``m`` is a 256-entry float32 table (``c / (254 - |c|)``,
+  1 KiB, in L1); encoding is arithmetic.
+- ``"int8-blockwise"``: :mod:`adamkit.formats.int8_blockwise` (dynamic map, blocks of 256),
+  the registered ``"int8"`` format: decoding by 256-entry tables, encoding by the codec's bucket
+  table.
 
-Arithmetic.  The step is performed in the parameter's dtype with the reference's operations in
-the reference's order, *including its roundings* with float32 moments: every multiply-add is
-``reference.fused_multiply_add`` (formed in float64, rounded to the dtype of its addend), the
-denominator is ``sqrt(v) / sqrt(bc2) + eps`` with true divisions.  With a float64 parameter the
-loaded moments are float32 arrays, so the reference computes ``v`` in float32 and, when
-``beta1 > 0.5`` (its lerp weight below 0.5), ``m`` and the update quotient too, and only
-``p + update`` in float64; that mixture is mirrored here.
-Codes come from the codec's own bucket table and thresholds (same tie rule, same ``keep_nonzero``
-rule for second moments).  So with nearest rounding the parameter, the codes, the scales and the
-bf16 bits are **bit-identical** to the plain path, for float32 and float64 parameters.
+A block's new absmax must be known before any of it is encoded, so each block is two short loops
+of a compile-time length: the first decodes and forms the new moments (kept in three small
+per-thread buffers), the second updates the parameter and encodes.  ``sqrt(v)`` is formed once
+and serves both the denominator and the stored root; with AMSGrad the stored ``sqrt(v_max)`` is
+``max(sqrt(v_max), sqrt(v))`` (the square root is monotone, so no second root is needed).
 
-Stochastic bf16 rounding draws its 16 random bits per value from a counter-based hash
-(Wellons' "lowbias32" of ``(i * golden) ^ key`` for element ``i``; m and v take the two halves of
-one hash, ``v_max`` a second one), with one 64-bit ``key`` per parameter taken from the caller's
-``numpy.random.Generator`` on each call.  It is deterministic for a given generator state and
-independent of the thread count, but it is **not** the Generator's stream that
-``Bf16Format.store`` uses, so against the plain path the rounding agrees in distribution (each
-value goes to one of its two bf16 neighbours, up with probability (x - lo)/(hi - lo)), not bit for
-bit.  The counter is taken modulo 2**32.  The parameter does not depend on how the moments are
-rounded and stays bit-identical.
+Arithmetic and how it differs from the oracle.  One hardware FMA per moment, in the parameter's
+dtype and rounded to float32 once; the update in float32::
 
-Non-finite values.  ``int8`` codes cannot hold NaN/inf (``store`` raises).  A block whose new
+    g' = ±g (+ lambda p)               m = fma(g' - m, 1 - beta1, m)    (torch.lerp's two forms)
+    v  = fma((1 - beta2) g', g', beta2 v)                               p = p (1 - lr lambda)
+    p  = p + (-(lr / bc1) m) / (sqrt(v) * (1 / sqrt(bc2)) + eps)
+
+The reference forms its float32 multiply-adds in float64 (two roundings), divides by
+``sqrt(bc2)`` and, with float64 parameters, rounds ``g - m`` to float32 before its multiply-add.
+So the moments may differ from the oracle's by an ulp or two before encoding, and then, at a
+rounding boundary, encode to the neighbouring code (int8) or bf16 value; the parameter moves by
+the oracle's update within a few float32 ulps of the update.  The tests hold each kernel to the
+oracle with those tolerances (``tests/kernels/test_kernels_formats.py``).  The companded encode
+uses one division (``254 x / (s + |x|)``) where the codec uses two; the blockwise one divides
+exactly as the codec does and rounds by its table, so its codes match whenever the moment does.
+
+No ``fastmath``: NaN and inf behave as in the reference (the non-finite guard and the bf16
+format's NaN/inf handling rely on it).  The flags that keep them (``contract, arcp, afn, nsz``)
+gave no measurable speed-up on these loops, and ``afn`` may turn ``sqrt(inf)`` into NaN.
+
+Stochastic bf16 rounding draws its 16 random bits per value from a counter-based hash (Wellons'
+"lowbias32" of ``(i * golden) ^ key`` for element ``i``, in 32-bit integer lanes; m and v take the
+two halves of one hash, ``v_max`` a second one), with one 64-bit ``key`` per parameter taken
+from the raw bit stream of the caller's ``numpy.random.Generator`` on each call.  It is
+deterministic for a given generator state and independent of the thread count, but it is not the
+stream that ``Bf16Format.store`` uses, so against the plain path the rounding agrees in
+distribution (each value goes to one of its two bf16 neighbours, up with probability
+(x - lo)/(hi - lo)).
+
+Non-finite values.  8-bit codes cannot hold NaN/inf (``store`` raises).  A block whose new
 moments are non-finite is left entirely unchanged (parameter, codes and scale) and, after the
 parameter's pass, :func:`adam_update_stored_` raises ``ValueError``.  Unlike ``store``, the other
 blocks of that parameter (and earlier parameters) have then been updated: a single pass cannot
 know in advance.  Skip non-finite steps before the update (the guard's non-finite check does).
 
-Speed.  The exact arithmetic and the codecs make these passes compute-bound on a CPU (about 2.5
-cycles per element for bf16, 6 for int8, whose table lookups are gathers), not memory-bound, so
-moving 20 (bf16) or 16 (int8) bytes per parameter instead of 28 does not make them faster than
-fp32 state.  Measured on the 2-core development VM, one thread, 10M float32 parameters, median
-of 11 interleaved steps (ms): ``numba_cpu`` fp32 10.4, this module bf16 nearest 13.6, bf16
-stochastic 16.2, int8 22.3, ``torch.optim.Adam(fused=True)`` 12.8.  What they buy is memory:
-2 + 2 or 1 + 1 bytes of state per parameter instead of 4 + 4.
+Speed, and which codec ``"int8"`` is.  ``benchmarks/format_variants.py``: one 10M
+float32 tensor, median of 11 interleaved steps, ns per element and (x) speed relative to
+``torch.optim.Adam(fused=True)`` in the same run, on the 2-core development VM at a quiet moment
+(load average about 1; under the load of other jobs the times moved by up to 2x between runs,
+and the ratios by up to 0.2)::
 
-Threading, caching and error model follow :mod:`adamkit.kernels.numba_cpu`: tensors of at least
-``PARALLEL_MIN_SIZE`` elements run over numba's thread pool in chunks of
-:data:`CHUNK_ELEMENTS` (whole blocks for int8), no ``fastmath``, compiled code cached on disk.
+                                 2 threads      1 thread       bit-exact kernels before (x)
+    torch.fused                  0.65 (1.00)    1.20 (1.00)    2 threads / 1 thread
+    streaming floor (28 B)       0.42 (1.55)    0.82 (1.47)
+    fp32 state (numba_cpu)       0.48 (1.35)    0.90 (1.34)
+    bf16, stochastic rounding    0.58 (1.13)    1.15 (1.04)    0.75 / 0.76
+    bf16, nearest                0.45 (1.45)    0.90 (1.34)    0.97 / 0.89
+    int8 (companded, 32)         0.55 (1.18)    1.14 (1.06)
+    int8-blockwise (256)         0.80 (0.81)    1.64 (0.73)    0.43 / 0.53
+
+Variants measured on the way (1 thread, ns per element; torch.fused 1.20-1.35 in those runs): the
+companded step with ``m`` decoded by its division 1.33, by the table 1.27 (shipped), with the
+encode's division replaced by a Newton reciprocal 1.35 (the divider is not the bottleneck: the
+step is ~30 vector instructions per 8 elements); block loops inside a numba-inlined helper
+instead of the span's own body 2.7 against 1.7 (shipped) on a 2M tensor; the dynamic map with its
+four table gathers per element 1.95.  The 8-bit step is compute-bound (about 2.5 cycles per
+element: decode, step, absmax, encode) and bf16 with stochastic rounding nearly so (the hash: 3
+32-bit multiplies per element), so neither reaches the 1.75x (int8, 16.5 B) or 1.4x (bf16, 20 B)
+that their bytes would allow over 28 B; this VM moves about 50 GB/s, so even at 100M parameters
+(DRAM) the step is not bandwidth-bound with 2 threads (``benchmarks/results/2026-11-25b``).
+
+Quality (``benchmarks/format_variants.py --quality``, plain path, 10 seeds, largest (median)
+relative distance from fp32 state): the MLP training check of ``tests/torch`` (96-64-3, AdamW,
+200 steps) ends 0.0125 (0.0090) from fp32 in its parameters with the companded code against
+0.0689 (0.0456) with the dynamic map, loss 0.0014 against 0.0058; the quadratic with curvatures
+over four decades (300 steps) 0.087 (0.082) against 0.082 (0.064), loss 0.0011 against 0.0062.
+So the companded code is as good or better (its blocks of 32 adapt the scale more locally) and
+1.45x faster, for 2.25 instead of 2.03 bytes of state per parameter (two 1-byte codes and a
+float32 scale per 32, per moment).  The registered ``"int8"`` is nevertheless the dynamic map:
+the memory budget of an 8-bit state (2.15 bytes per parameter) is its reason to exist, and
+neither codec reaches the 1.5x speed target here; ``state="int8-companded"`` offers the faster
+one.  Its weakness: ``sqrt(v)`` is linear in 255 steps of the block
+maximum, so within a block an element whose root is below 1/255 of the largest is stored at the
+first level (never 0), which shortens its early steps.
+
+Two threads: with numba's ``omp`` layer, on a machine whose cores are busy with other work,
+libgomp's spin-waiting made 2-thread runs of these kernels up to 2.4x slower than one thread
+(``OMP_WAIT_POLICY=passive`` or ``NUMBA_THREADING_LAYER=workqueue`` removed that); on idle cores
+the two threads split the blocks evenly (static chunks, whole blocks each).
+
+Threading and caching follow :mod:`adamkit.kernels.numba_cpu`: tensors of at least
+``PARALLEL_MIN_SIZE`` elements run over numba's thread pool in chunks of :data:`CHUNK_ELEMENTS`
+(whole blocks for 8-bit codes), compiled code is cached on disk.
 
 How a dispatcher uses it: ``supports(fmt)`` says whether a format has a fused kernel here;
 ``qualifies(fmt, param, grad, sm, sv, sw)`` whether one parameter can take it; then
@@ -80,32 +134,38 @@ from numba.extending import intrinsic, overload
 
 from adamkit.core.config import AdamHyperParams
 from adamkit.core.reference import bias_corrections
-from adamkit.formats import int8_blockwise
+from adamkit.formats import int8_blockwise, int8_companded
 from adamkit.formats.base import Storage
 from adamkit.formats.containers import Bf16Format, DenseFormat, QuantizedFormat
-from adamkit.kernels.numba_cpu import PARALLEL_MIN_SIZE, SUPPORTED_DTYPES, _jit, _max_nan
+from adamkit.kernels.numba_cpu import (
+    PARALLEL_MIN_SIZE,
+    SUPPORTED_DTYPES,
+    _fma,
+    _jit,
+    _max_nan,
+)
 
 __all__ = [
     "CHUNK_ELEMENTS",
     "adam_update_stored_",
+    "all_finite",
     "qualifies",
     "supports",
 ]
 
-#: The parallel loops hand out chunks of about this many elements (whole blocks for int8): small
-#: enough to balance the threads, large enough to amortise the per-chunk setup and buffers.
+#: The parallel loops hand out chunks of about this many elements (whole blocks for 8-bit codes):
+#: small enough to balance the threads, large enough to amortise the per-chunk setup and buffers.
 CHUNK_ELEMENTS = 1 << 14
 
-# Coefficient slots.  Three arrays, because the reference rounds each scalar to the dtype of the
-# array it meets: ``cp`` in the parameter's dtype, ``c32`` in float32 (the moments), ``c64`` kept
-# in double for ``_mad``, which rounds its multiplier itself as reference.fused_multiply_add does.
-_GSIGN, _WD, _COUPLED, _PSCALE, _W2, _NEG_SS = range(6)
-_BETA2, _BC2S, _EPS, _NEG_SS32 = range(4)
-_W1, _W1_SMALL = range(2)
+# Coefficient slots: ``cp`` in the parameter's dtype (what touches the parameter before the
+# moments), ``c32`` in float32 (the moments and the update).
+_GSIGN, _WD, _COUPLED, _PSCALE = range(4)
+_W1, _W1_SMALL, _W2, _BETA2, _NEG_SS, _INV_BC2S, _EPS = range(7)
 
 _F32 = np.dtype(np.float32)
 _MAX_FINITE_BITS = np.int32(0x7F7FFFFF)  # bit pattern of the largest finite float32
-
+_CB = int8_companded.DEFAULT_BLOCK  # block of the companded kernel (a compile-time constant)
+_BB = int8_blockwise.DEFAULT_BLOCK  # block of the dynamic-map kernel
 
 # -- scalar helpers ----------------------------------------------------------------------------
 
@@ -133,26 +193,6 @@ def _bits_f32(typingctx, u):
         return builder.bitcast(low, ir.FloatType())
 
     return types.float32(u), codegen
-
-
-def _mad(a, b, c):  # pragma: no cover - replaced by the overload
-    raise NotImplementedError
-
-
-@overload(_mad, inline="always")
-def _mad_overload(a, b, c):
-    """``reference.fused_multiply_add(a, b, c)``: below float64, ``a`` and ``b`` are rounded to
-    ``c``'s dtype, the product (exact) and the sum formed in float64, rounded once at the end."""
-    if c == types.float32:
-
-        def mad32(a, b, c):
-            wide = np.float64(np.float32(a)) * np.float64(np.float32(b)) + np.float64(c)
-            return np.float32(wide)
-
-        return mad32
-    if c == types.float64:
-        return lambda a, b, c: np.float64(a) * np.float64(b) + c
-    return None
 
 
 @_jit(inline="always")
@@ -220,7 +260,7 @@ def _hash32(typingctx, key, i):
 
 
 @_jit(inline="always")
-def _unpack(cp, c32, c64):
+def _unpack(cp, c32):
     # Scalars out of the arrays before the loops: values cannot alias the arrays being written,
     # so the compiler keeps them in registers and vectorises (as numba_cpu._unpack).
     return (
@@ -228,65 +268,79 @@ def _unpack(cp, c32, c64):
         cp[_WD],
         cp[_COUPLED] != 0,
         cp[_PSCALE],
-        cp[_W2],
-        cp[_NEG_SS],
+        c32[_W1],
+        c32[_W1_SMALL] != 0,
+        c32[_W2],
         c32[_BETA2],
-        c32[_BC2S],
+        c32[_NEG_SS],
+        c32[_INV_BC2S],
         c32[_EPS],
-        c32[_NEG_SS32],
-        c64[_W1],
-        c64[_W1_SMALL] != 0,
     )
 
 
-@_jit(inline="always")
-def _step(p, g, m, v, w, amsgrad, k):
-    """One element of ``reference.adam_step``: ``p``, ``g`` in the parameter's dtype, the decoded
-    moments ``m``, ``v``, ``w`` (``v_max``, ignored without AMSGrad) in float32; ``k`` is
-    ``_unpack``'s tuple.
+def _like(x, ref):  # pragma: no cover - replaced by the overload
+    raise NotImplementedError
 
-    Returns ``(p, m, v, v_max, root)``: the new parameter, the new moments as the float32 values
-    the plain path stores, and ``root = sqrt(v)`` of the ``v`` in the denominator (``v_max`` with
-    AMSGrad), which the int8 codec reuses.
-    """
-    gsign, wd, coupled, pscale, w2, neg_ss, beta2, bc2s, eps, neg_ss32, w1, small = k
-    g = g * gsign
-    if coupled:
-        g = g + wd * p
-    p = p * pscale
-    diff = g - m
-    # reference.ema: for weight < 0.5 the lerp rounds to m's dtype (float32), otherwise to g's
-    # (the parameter's), and the update quotient is then formed in that dtype too.
-    m_wide = _mad(diff, w1, m) if small else _mad(diff, w1, g)
-    v = _mad(w2 * g, g, v * beta2)
-    if amsgrad:
-        w = _max_nan(w, v)
-        root = np.sqrt(w)
-    else:
-        root = np.sqrt(v)
-    denom = root / bc2s + eps
-    update = (neg_ss32 * np.float32(m_wide)) / denom if small else (neg_ss * m_wide) / denom
-    p = p + update
-    return p, np.float32(m_wide), v, w, root
+
+@overload(_like, inline="always")
+def _like_overload(x, ref):
+    """``x`` in the float type of ``ref`` (float64 parameters keep their moment arithmetic wide)."""
+    if isinstance(ref, types.Float) and ref.bitwidth == 64:
+        return lambda x, ref: np.float64(x)
+    return lambda x, ref: np.float32(x)
+
+
+@_jit(inline="always")
+def _grad(p, g, k):
+    """The gradient the moments see, in the parameter's dtype: sign for ``maximize``, coupled
+    decay added (as the reference adds it)."""
+    g = g * k[0]
+    if k[2]:
+        g = g + k[1] * p
+    return g
+
+
+@_jit(inline="always")
+def _moments(g, m, v, k):
+    """New float32 ``(m, v)`` from ``g`` (the parameter's dtype) and decoded float32 ``m``, ``v``:
+    one FMA each, in the parameter's dtype and rounded to float32 once (for float32 parameters
+    that is the float32 FMA; float64 ones keep ``g - m`` exact, as the reference does).  For
+    ``1 - beta1 < 0.5`` the lerp is ``m + w1 (g - m)``, else ``g - beta1 (g - m)`` (``_W1``
+    holds ``-beta1`` then), as torch.lerp and reference.ema."""
+    w1, small, w2, beta2 = k[4], k[5], k[6], k[7]
+    mw = _like(m, g)
+    base = mw if small else g
+    m = np.float32(_fma(g - mw, _like(w1, g), base))
+    v = np.float32(_fma(_like(w2, g) * g, g, _like(v * beta2, g)))
+    return m, v
+
+
+@_jit(inline="always")
+def _apply(p, m, root, k):
+    """``p * (1 - lr lambda) + update``; the update formed in float32 from the new ``m`` and
+    ``root = sqrt(v)`` (``sqrt(v_max)`` with AMSGrad), added in the parameter's dtype."""
+    neg_ss, inv_bc2s, eps = k[8], k[9], k[10]
+    return p * k[3] + (neg_ss * m) / (root * inv_bc2s + eps)
 
 
 # -- dense float32 moments ---------------------------------------------------------------------
 #
-# Each "span" function updates whole arrays indexed from 0: the parallel kernels hand it slices.
-# (Indexing from a variable offset would make numba's negative-index wrap-around checks
-# unprovable and stop LLVM from vectorising the loop, about 8x slower.)
+# Each "span" updates whole flat arrays indexed from 0; the parallel kernels hand it slices.
 
 
 @_jit(inline="always")
 def _dense_loop(p, g, m, v, w, amsgrad, k):
     for i in range(p.size):
-        wi = w[i] if amsgrad else np.float32(0.0)
-        pi, mi, vi, wi, _ = _step(p[i], g[i], m[i], v[i], wi, amsgrad, k)
-        p[i] = pi
+        pi = p[i]
+        mi, vi = _moments(_grad(pi, g[i], k), m[i], v[i], k)
         m[i] = mi
         v[i] = vi
         if amsgrad:
+            wi = _max_nan(w[i], vi)
             w[i] = wi
+            p[i] = _apply(pi, mi, np.sqrt(wi), k)
+        else:
+            p[i] = _apply(pi, mi, np.sqrt(vi), k)
 
 
 @_jit()
@@ -300,13 +354,13 @@ def _dense_span(p, g, m, v, w, amsgrad, k):
 
 
 @_jit()
-def _dense_serial(p, g, m, v, w, amsgrad, cp, c32, c64):
-    _dense_span(p, g, m, v, w, amsgrad, _unpack(cp, c32, c64))
+def _dense_serial(p, g, m, v, w, amsgrad, cp, c32):
+    _dense_span(p, g, m, v, w, amsgrad, _unpack(cp, c32))
 
 
 @_jit(parallel=True)
-def _dense_parallel(p, g, m, v, w, amsgrad, cp, c32, c64):
-    k = _unpack(cp, c32, c64)
+def _dense_parallel(p, g, m, v, w, amsgrad, cp, c32):
+    k = _unpack(cp, c32)
     n = p.size
     for c in prange((n + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS):
         lo = c * CHUNK_ELEMENTS
@@ -322,12 +376,17 @@ def _dense_parallel(p, g, m, v, w, amsgrad, cp, c32, c64):
 def _bf16_loop(p, g, m, v, w, amsgrad, stochastic, k, key, offset):
     nearest = np.int32(-1)
     for i in range(p.size):
-        wi = _bf16_decode(w[i]) if amsgrad else np.float32(0.0)
-        pi, mi, vi, wi, _ = _step(
-            p[i], g[i], _bf16_decode(m[i]), _bf16_decode(v[i]), wi, amsgrad, k
-        )
-        p[i] = pi
+        pi = p[i]
+        mi, vi = _moments(_grad(pi, g[i], k), _bf16_decode(m[i]), _bf16_decode(v[i]), k)
+        if amsgrad:
+            wi = _max_nan(_bf16_decode(w[i]), vi)
+            p[i] = _apply(pi, mi, np.sqrt(wi), k)
+        else:
+            wi = vi
+            p[i] = _apply(pi, mi, np.sqrt(vi), k)
         if stochastic:
+            # int64 counter, truncated to 32 bits in the hash: uint64 arithmetic would go
+            # through float64 in numba and stop the vectorisation.
             h = _hash32(key, offset + i)  # 16 bits for each of m and v
             m[i] = _bf16_round(mi, np.int32(h & np.uint32(0xFFFF)))
             v[i] = _bf16_round(vi, np.int32(h >> np.uint32(16)))
@@ -356,24 +415,155 @@ def _bf16_span(p, g, m, v, w, amsgrad, stochastic, k, key, offset):
 
 
 @_jit()
-def _bf16_serial(p, g, m, v, w, amsgrad, cp, c32, c64, stochastic, key):
-    _bf16_span(p, g, m, v, w, amsgrad, stochastic, _unpack(cp, c32, c64), key, np.uint64(0))
+def _bf16_serial(p, g, m, v, w, amsgrad, cp, c32, stochastic, key):
+    _bf16_span(p, g, m, v, w, amsgrad, stochastic, _unpack(cp, c32), key, 0)
 
 
 @_jit(parallel=True)
-def _bf16_parallel(p, g, m, v, w, amsgrad, cp, c32, c64, stochastic, key):
-    k = _unpack(cp, c32, c64)
+def _bf16_parallel(p, g, m, v, w, amsgrad, cp, c32, stochastic, key):
+    k = _unpack(cp, c32)
     n = p.size
     for c in prange((n + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS):
         lo = c * CHUNK_ELEMENTS
         hi = min(lo + CHUNK_ELEMENTS, n)
         wc = w[lo:hi] if amsgrad else w
-        _bf16_span(
-            p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], wc, amsgrad, stochastic, k, key, np.uint64(lo)
-        )
+        _bf16_span(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], wc, amsgrad, stochastic, k, key, lo)
 
 
-# -- block-wise int8 codes ---------------------------------------------------------------------
+# -- 8-bit codes, common structure ---------------------------------------------------------------
+#
+# Each "span" runs over whole blocks of flat arrays indexed from 0, its block loops written in its
+# own body with the block length a compile-time constant: LLVM then vectorises them completely
+# (with the loops in a numba-inlined helper, or indexing into the full arrays from a parallel
+# loop, the same code ran 1.6x and 4x slower).  The AMSGrad variant is a second span for the same
+# reason (a branch on a run-time flag would stay in the loop).  A partial last block is run
+# through the same span on zero-padded copies (zeros encode to zeros and do not change a block's
+# absmax, so the padding cannot change the real elements' codes).
+
+
+@_jit(inline="always")
+def _scale(amax):
+    """The block scale from its absmax bits, and a divisor that is never 0 (a block of zeros
+    keeps scale 0 and encodes to zeros, as ``_blocks.safe_divide`` has it)."""
+    s = _bits_f32(np.uint32(amax))
+    return s, (s if s > np.float32(0.0) else np.float32(1.0))
+
+
+# -- companded int8 codes ------------------------------------------------------------------------
+#
+# Decode table: signed code c (read through its uint8 bit pattern) -> c / (254 - |c|), the
+# codec's z / (2 - |z|) with z = c / 127, formed in float64 and rounded once.  -128 is never
+# produced (nor accepted from a state dict); its entry is the formula's value anyway.
+
+_C_SIGNED = np.arange(256, dtype=np.int64)
+_C_SIGNED = np.where(_C_SIGNED < 128, _C_SIGNED, _C_SIGNED - 256)
+_CMP_DECODE = (_C_SIGNED / (254.0 - np.abs(_C_SIGNED))).astype(np.float32)
+del _C_SIGNED
+
+
+@_jit(inline="always")
+def _cmp_new(p, g, mcode, vcode, sm, sv, k):
+    """New float32 ``(m, sqrt(v))`` of one element from its codes (``sv`` = scale / 255)."""
+    r = np.float32(vcode) * sv
+    m, v = _moments(_grad(p, g, k), _CMP_DECODE[np.uint8(mcode)] * sm, r * r, k)
+    return m, np.sqrt(v)
+
+
+@_jit(inline="always")
+def _cmp_code_m(m, divisor):
+    """``rint(127 z)``, ``z = 2y / (1 + |y|)``, ``y = m / s``: one division (the codec: two)."""
+    return np.int8(np.rint(np.float32(254.0) * m / (divisor + abs(m))))
+
+
+@_jit(inline="always")
+def _cmp_code_root(y):
+    """The unsigned code of ``y = 255 r / s``, never 0 for ``y > 0`` (``keep_nonzero``: a
+    positive second moment never flushes to 0)."""
+    c = np.rint(y)
+    return np.uint8(c + np.float32((c == np.float32(0.0)) & (y > np.float32(0.0))))
+
+
+@_jit()
+def _cmp_span(p, g, mc, ms, vc, vs, k, mb, rb):
+    """Whole companded blocks; returns how many were left unchanged for non-finite moments."""
+    bad = 0
+    for b in range(ms.size):
+        lo = b * _CB
+        sm = ms[b]
+        sv = vs[b] * np.float32(1.0 / 255.0)
+        am = av = np.int32(0)
+        for j in range(_CB):
+            mi, ri = _cmp_new(p[lo + j], g[lo + j], mc[lo + j], vc[lo + j], sm, sv, k)
+            mb[j] = mi
+            rb[j] = ri
+            am = max(am, _abs_bits(mi))
+            av = max(av, _abs_bits(ri))
+        if max(am, av) > _MAX_FINITE_BITS:
+            bad += 1  # int8 cannot hold NaN/inf: leave the whole block as it was
+            continue
+        sm, dm = _scale(am)
+        sv, dv = _scale(av)
+        inv_v = np.float32(255.0) / dv
+        for j in range(_CB):
+            p[lo + j] = _apply(p[lo + j], mb[j], rb[j], k)
+            mc[lo + j] = _cmp_code_m(mb[j], dm)
+            vc[lo + j] = _cmp_code_root(rb[j] * inv_v)
+        ms[b] = sm
+        vs[b] = sv
+    return bad
+
+
+@_jit()
+def _cmp_span_ams(p, g, mc, ms, vc, vs, wc, ws, k, mb, rb, wb):
+    """:func:`_cmp_span` with AMSGrad: the stored ``sqrt(v_max)`` becomes
+    ``max(sqrt(v_max), sqrt(v))`` (= ``sqrt(max(v_max, v))``: the root is monotone)."""
+    bad = 0
+    for b in range(ms.size):
+        lo = b * _CB
+        sm = ms[b]
+        sv = vs[b] * np.float32(1.0 / 255.0)
+        sw = ws[b] * np.float32(1.0 / 255.0)
+        am = av = aw = np.int32(0)
+        for j in range(_CB):
+            mi, ri = _cmp_new(p[lo + j], g[lo + j], mc[lo + j], vc[lo + j], sm, sv, k)
+            wi = _max_nan(np.float32(wc[lo + j]) * sw, ri)
+            mb[j] = mi
+            rb[j] = ri
+            wb[j] = wi
+            am = max(am, _abs_bits(mi))
+            av = max(av, _abs_bits(ri))
+            aw = max(aw, _abs_bits(wi))
+        if max(am, max(av, aw)) > _MAX_FINITE_BITS:
+            bad += 1
+            continue
+        sm, dm = _scale(am)
+        sv, dv = _scale(av)
+        sw, dw = _scale(aw)
+        inv_v = np.float32(255.0) / dv
+        inv_w = np.float32(255.0) / dw
+        for j in range(_CB):
+            p[lo + j] = _apply(p[lo + j], mb[j], wb[j], k)
+            mc[lo + j] = _cmp_code_m(mb[j], dm)
+            vc[lo + j] = _cmp_code_root(rb[j] * inv_v)
+            wc[lo + j] = _cmp_code_root(wb[j] * inv_w)
+        ms[b] = sm
+        vs[b] = sv
+        ws[b] = sw
+    return bad
+
+
+@_jit()
+def _cmp_blocks(p, g, mc, ms, vc, vs, wc, ws, amsgrad, k):
+    """Whole blocks (``p.size == ms.size * block``) with buffers of this thread."""
+    mb = np.empty(_CB, np.float32)
+    rb = np.empty(_CB, np.float32)
+    if amsgrad:
+        wb = np.empty(_CB, np.float32)
+        return _cmp_span_ams(p, g, mc, ms, vc, vs, wc, ws, k, mb, rb, wb)
+    return _cmp_span(p, g, mc, ms, vc, vs, k, mb, rb)
+
+
+# -- dynamic-map int8 codes (int8_blockwise) -------------------------------------------------
 #
 # The codec's tables are frozen into the compiled code as constants: LLVM then knows that the
 # table lookups cannot alias the arrays being written, which lets it vectorise them as gathers.
@@ -423,6 +613,7 @@ _Q_SIGNED = np.array(int8_blockwise.dynamic_map(True))
 _Q_UNSIGNED = np.array(int8_blockwise.dynamic_map(False))
 _BUCKETS_SIGNED = _packed_bucket_table(True)
 _BUCKETS_UNSIGNED = _packed_bucket_table(False)
+_ZERO_SIGNED = int(int8_blockwise.zero_code(True))
 _ZERO_UNSIGNED = int(int8_blockwise.zero_code(False))
 
 
@@ -487,104 +678,175 @@ def _code_unsigned(y):
     """``quantize(y, signed=False)`` for ``0 <= y <= 1``, then the codec's ``keep_nonzero``."""
     e = _BUCKETS_UNSIGNED[_bucket(y)]
     c = (e & np.int32(0xFF)) + np.int32(_rank(y) > (e >> np.int32(8)))
-    if c == _ZERO_UNSIGNED and y != np.float32(0.0):
-        c = _ZERO_UNSIGNED + 1  # a positive second moment never flushes to 0
-    return c
+    return c + np.int32((c == _ZERO_UNSIGNED) & (y != np.float32(0.0)))
 
 
 @_jit(inline="always")
-def _scale(amax):
-    """The block scale from its absmax bits, and the divisor (``_blocks.safe_divide``: a block
-    of zeros divides by 1 and stays zeros)."""
-    s = _bits_f32(np.uint32(amax))
-    return s, (s if s > np.float32(0.0) else np.float32(1.0))
+def _bw_new(p, g, mcode, vcode, sm, sv, k):
+    """New float32 ``(m, sqrt(v))`` of one element from its dynamic-map codes."""
+    r = _Q_UNSIGNED[vcode] * sv
+    m, v = _moments(_grad(p, g, k), _Q_SIGNED[mcode] * sm, r * r, k)
+    return m, np.sqrt(v)
 
 
-@_jit(inline="always")
-def _int8_loop(block, p, g, mc, ms, vc, vs, wc, ws, amsgrad, k):
-    """Whole blocks of flat arrays (``p.size`` elements, ``ms.size`` blocks); returns how many
-    blocks were left unchanged for non-finite moments.  Second moments are stored as sqrt."""
-    n = p.size
-    pbuf = np.empty(block, p.dtype)
-    mbuf = np.empty(block, np.float32)
-    vbuf = np.empty(block, np.float32)
-    wbuf = np.empty(block, np.float32)
+@_jit()
+def _bw_span(p, g, mc, ms, vc, vs, k, mb, rb):
+    """As :func:`_cmp_span` for dynamic-map codes (``x / s`` divided exactly, as the codec)."""
     bad = 0
     for b in range(ms.size):
-        lo = b * block
-        hi = min(lo + block, n)
-        count = hi - lo
-        pb, gb, mcb, vcb = p[lo:hi], g[lo:hi], mc[lo:hi], vc[lo:hi]
-        wcb = wc[lo:hi] if amsgrad else wc
-        sm, sv = ms[b], vs[b]
-        sw = ws[b] if amsgrad else np.float32(0.0)
-        am = av = aw = np.int32(0)
-        for j in range(count):
-            vi = _Q_UNSIGNED[vcb[j]] * sv
-            wi = _Q_UNSIGNED[wcb[j]] * sw if amsgrad else np.float32(0.0)
-            pi, mi, vi, wi, root = _step(
-                pb[j], gb[j], _Q_SIGNED[mcb[j]] * sm, vi * vi, wi * wi, amsgrad, k
-            )
-            # what the codec stores for v: sqrt(v), the step's root unless that is sqrt(v_max)
-            ri = np.sqrt(vi) if amsgrad else root
-            pbuf[j] = pi
-            mbuf[j] = mi
-            vbuf[j] = ri
+        lo = b * _BB
+        sm = ms[b]
+        sv = vs[b]
+        am = av = np.int32(0)
+        for j in range(_BB):
+            mi, ri = _bw_new(p[lo + j], g[lo + j], mc[lo + j], vc[lo + j], sm, sv, k)
+            mb[j] = mi
+            rb[j] = ri
             am = max(am, _abs_bits(mi))
             av = max(av, _abs_bits(ri))
-            if amsgrad:
-                wbuf[j] = root
-                aw = max(aw, _abs_bits(root))
-        if max(am, max(av, aw)) > _MAX_FINITE_BITS:
-            bad += 1  # int8 cannot hold NaN/inf: leave the whole block as it was
+        if max(am, av) > _MAX_FINITE_BITS:
+            bad += 1
             continue
         sm, dm = _scale(am)
         sv, dv = _scale(av)
-        for j in range(count):
-            pb[j] = pbuf[j]
-            mcb[j] = _code_signed(mbuf[j] / dm)
-            vcb[j] = _code_unsigned(vbuf[j] / dv)
+        for j in range(_BB):
+            p[lo + j] = _apply(p[lo + j], mb[j], rb[j], k)
+            mc[lo + j] = _code_signed(mb[j] / dm)
+            vc[lo + j] = _code_unsigned(rb[j] / dv)
         ms[b] = sm
         vs[b] = sv
-        if amsgrad:
-            s, d = _scale(aw)
-            for j in range(count):
-                wcb[j] = _code_unsigned(wbuf[j] / d)
-            ws[b] = s
     return bad
 
 
 @_jit()
-def _int8_span(block, p, g, mc, ms, vc, vs, wc, ws, amsgrad, k):
-    # A constant flag at each call: each loop compiles without its branches.
-    if amsgrad:
-        return _int8_loop(block, p, g, mc, ms, vc, vs, wc, ws, True, k)
-    return _int8_loop(block, p, g, mc, ms, vc, vs, wc, ws, False, k)
+def _bw_span_ams(p, g, mc, ms, vc, vs, wc, ws, k, mb, rb, wb):
+    """:func:`_bw_span` with AMSGrad (see :func:`_cmp_span_ams`)."""
+    bad = 0
+    for b in range(ms.size):
+        lo = b * _BB
+        sm = ms[b]
+        sv = vs[b]
+        sw = ws[b]
+        am = av = aw = np.int32(0)
+        for j in range(_BB):
+            mi, ri = _bw_new(p[lo + j], g[lo + j], mc[lo + j], vc[lo + j], sm, sv, k)
+            wi = _max_nan(_Q_UNSIGNED[wc[lo + j]] * sw, ri)
+            mb[j] = mi
+            rb[j] = ri
+            wb[j] = wi
+            am = max(am, _abs_bits(mi))
+            av = max(av, _abs_bits(ri))
+            aw = max(aw, _abs_bits(wi))
+        if max(am, max(av, aw)) > _MAX_FINITE_BITS:
+            bad += 1
+            continue
+        sm, dm = _scale(am)
+        sv, dv = _scale(av)
+        sw, dw = _scale(aw)
+        for j in range(_BB):
+            p[lo + j] = _apply(p[lo + j], mb[j], wb[j], k)
+            mc[lo + j] = _code_signed(mb[j] / dm)
+            vc[lo + j] = _code_unsigned(rb[j] / dv)
+            wc[lo + j] = _code_unsigned(wb[j] / dw)
+        ms[b] = sm
+        vs[b] = sv
+        ws[b] = sw
+    return bad
 
 
 @_jit()
-def _int8_serial(block, p, g, mc, ms, vc, vs, wc, ws, amsgrad, cp, c32, c64):
-    k = _unpack(cp, c32, c64)
-    return _int8_span(block, p, g, mc, ms, vc, vs, wc, ws, amsgrad, k)
+def _bw_blocks(p, g, mc, ms, vc, vs, wc, ws, amsgrad, k):
+    mb = np.empty(_BB, np.float32)
+    rb = np.empty(_BB, np.float32)
+    if amsgrad:
+        wb = np.empty(_BB, np.float32)
+        return _bw_span_ams(p, g, mc, ms, vc, vs, wc, ws, k, mb, rb, wb)
+    return _bw_span(p, g, mc, ms, vc, vs, k, mb, rb)
+
+
+# -- 8-bit codes: threads, partial blocks ----------------------------------------------------------
+
+_COMPANDED, _BLOCKWISE = 0, 1  # ``kind`` of the 8-bit kernels
+
+
+@_jit(inline="always")
+def _q_layout(kind):
+    """``(block, code of 0 for m, code of 0 for sqrt(v))`` of a kind of 8-bit code."""
+    if kind == _COMPANDED:
+        return _CB, 0, 0
+    return _BB, _ZERO_SIGNED, _ZERO_UNSIGNED
+
+
+@_jit()
+def _q_blocks(kind, p, g, mc, ms, vc, vs, wc, ws, amsgrad, k):
+    if kind == _COMPANDED:
+        return _cmp_blocks(p, g, mc, ms, vc, vs, wc, ws, amsgrad, k)
+    return _bw_blocks(p, g, mc, ms, vc, vs, wc, ws, amsgrad, k)
+
+
+@_jit()
+def _q_tail(kind, p, g, mc, ms, vc, vs, wc, ws, amsgrad, k):
+    """The partial last block, if any, through the span on zero-padded copies."""
+    block, zero_m, zero_v = _q_layout(kind)
+    n = p.size
+    lo = (n // block) * block
+    if lo == n:
+        return 0
+    count = n - lo
+    last = ms.size - 1
+    pp = np.zeros(block, p.dtype)
+    gg = np.zeros(block, g.dtype)
+    mcc = np.full(block, zero_m, mc.dtype)
+    vcc = np.full(block, zero_v, vc.dtype)
+    wcc = np.full(block if amsgrad else 0, zero_v, vc.dtype)
+    pp[:count] = p[lo:]
+    gg[:count] = g[lo:]
+    mcc[:count] = mc[lo:]
+    vcc[:count] = vc[lo:]
+    if amsgrad:
+        wcc[:count] = wc[lo:]
+    wsl = ws[last:] if amsgrad else ws
+    bad = _q_blocks(kind, pp, gg, mcc, ms[last:], vcc, vs[last:], wcc, wsl, amsgrad, k)
+    p[lo:] = pp[:count]
+    mc[lo:] = mcc[:count]
+    vc[lo:] = vcc[:count]
+    if amsgrad:
+        wc[lo:] = wcc[:count]
+    return bad
+
+
+@_jit()
+def _q_serial(kind, p, g, mc, ms, vc, vs, wc, ws, amsgrad, cp, c32):
+    k = _unpack(cp, c32)
+    block = _q_layout(kind)[0]
+    full = p.size // block
+    hi = full * block
+    wcf = wc[:hi] if amsgrad else wc
+    wsf = ws[:full] if amsgrad else ws
+    bad = _q_blocks(
+        kind, p[:hi], g[:hi], mc[:hi], ms[:full], vc[:hi], vs[:full], wcf, wsf, amsgrad, k
+    )
+    return bad + _q_tail(kind, p, g, mc, ms, vc, vs, wc, ws, amsgrad, k)
 
 
 @_jit(parallel=True)
-def _int8_parallel(block, p, g, mc, ms, vc, vs, wc, ws, amsgrad, cp, c32, c64):
-    k = _unpack(cp, c32, c64)
-    n = p.size
-    nblocks = ms.size
+def _q_parallel(kind, p, g, mc, ms, vc, vs, wc, ws, amsgrad, cp, c32):
+    k = _unpack(cp, c32)
+    block = _q_layout(kind)[0]
+    full = p.size // block
     per_chunk = max(1, CHUNK_ELEMENTS // block)
-    chunks = (nblocks + per_chunk - 1) // per_chunk
+    chunks = (full + per_chunk - 1) // per_chunk
     bad = np.zeros(chunks, np.int64)  # per chunk: a scalar reduction trips numba's parfors
     for c in prange(chunks):
         first = c * per_chunk
-        last = min(first + per_chunk, nblocks)
+        last = min(first + per_chunk, full)
         lo = first * block
-        hi = min(last * block, n)
+        hi = last * block
+        # slices: indexing the whole arrays from inside the parallel loop was 4x slower
         wcc = wc[lo:hi] if amsgrad else wc
         wsc = ws[first:last] if amsgrad else ws
-        bad[c] = _int8_span(
-            block,
+        bad[c] = _q_blocks(
+            kind,
             p[lo:hi],
             g[lo:hi],
             mc[lo:hi],
@@ -596,41 +858,86 @@ def _int8_parallel(block, p, g, mc, ms, vc, vs, wc, ws, amsgrad, cp, c32, c64):
             amsgrad,
             k,
         )
-    return bad.sum()
+    tail = _q_tail(kind, p, g, mc, ms, vc, vs, wc, ws, amsgrad, k)
+    return bad.sum() + tail
+
+
+# -- finiteness of gradients ------------------------------------------------------------------
+
+
+@_jit()
+def _all_finite(x):
+    # Chunks of whole vectors, an early exit between them: one read pass, no temporary.
+    n = x.size
+    for lo in range(0, n, CHUNK_ELEMENTS):
+        hi = min(lo + CHUNK_ELEMENTS, n)
+        bad = False
+        for i in range(lo, hi):
+            bad |= not np.isfinite(x[i])
+        if bad:
+            return False
+    return True
+
+
+def all_finite(arrays: Sequence[np.ndarray]) -> bool:
+    """Whether every element of every array is finite: one read pass per array, no temporary
+    (``numpy.isfinite(a).all()`` writes a bool array first).  C-contiguous float32/float64 arrays
+    go through the compiled loop, anything else through NumPy."""
+    for a in arrays:
+        if type(a) is np.ndarray and a.dtype in SUPPORTED_DTYPES and a.flags.c_contiguous:
+            if a.size and not _all_finite(a.reshape(-1)):
+                return False
+        elif not np.isfinite(np.asarray(a)).all():
+            return False
+    return True
 
 
 # -- Python side -------------------------------------------------------------------------------
 
 
 def _coefficients(hp: AdamHyperParams, step: int, dtype: np.dtype) -> tuple[np.ndarray, ...]:
-    """``(cp, c32, c64)`` for update number ``step``: each scalar formed in double as the reference
-    forms it, then rounded to the dtype of the array it meets there."""
+    """``(cp, c32)`` for update number ``step``: each scalar formed in double as the reference
+    forms it, then rounded once to the dtype it is used in."""
     bc1, bc2_sqrt = bias_corrections(step, hp.beta1, hp.beta2, hp.bias_correction)
     decay = hp.weight_decay != 0.0
     coupled = decay and not hp.decoupled_weight_decay
     w1 = 1.0 - hp.beta1
     small = w1 < 0.5
-    neg_ss = -(hp.lr / bc1)
-    cp = np.empty(6, dtype=dtype)
+    cp = np.empty(4, dtype=dtype)
     cp[_GSIGN] = -1.0 if hp.maximize else 1.0
     cp[_WD] = hp.weight_decay if coupled else 0.0
     cp[_COUPLED] = 1.0 if coupled else 0.0
     cp[_PSCALE] = 1.0 - hp.lr * hp.weight_decay if decay and not coupled else 1.0
-    cp[_W2] = 1.0 - hp.beta2
-    cp[_NEG_SS] = neg_ss
-    c32 = np.array([hp.beta2, bc2_sqrt, hp.eps, neg_ss], dtype=np.float32)
-    c64 = np.array([w1 if small else -(1.0 - w1), 1.0 if small else 0.0])
-    return cp, c32, c64
+    c32 = np.empty(7, dtype=np.float32)
+    c32[_W1] = w1 if small else -(1.0 - w1)
+    c32[_W1_SMALL] = 1.0 if small else 0.0
+    c32[_W2] = 1.0 - hp.beta2
+    c32[_BETA2] = hp.beta2
+    c32[_NEG_SS] = -(hp.lr / bc1)
+    c32[_INV_BC2S] = 1.0 / bc2_sqrt
+    c32[_EPS] = hp.eps
+    return cp, c32
+
+
+# codec -> (kind of kernel, block it is compiled for)
+_QUANTIZED = {int8_companded: (_COMPANDED, _CB), int8_blockwise: (_BLOCKWISE, _BB)}
 
 
 def supports(fmt: Any) -> bool:
-    """True when ``fmt`` has a fused kernel here: ``bf16`` (either rounding), block-wise
-    ``int8`` with nearest rounding, and dense ``fp32`` moments.  (``"native"`` state is the plain
-    kernel's, :mod:`adamkit.kernels.numba_cpu`.)"""
+    """True when ``fmt`` has a fused kernel here: ``bf16`` (either rounding), dense ``fp32``
+    moments, and the 8-bit formats with nearest rounding, ``sqrt(v)`` stored and their codec's
+    default block (companded 32: ``"int8"``; dynamic map 256: ``"int8-blockwise"``).
+    (``"native"`` state is the plain kernel's, :mod:`adamkit.kernels.numba_cpu`.)"""
     if isinstance(fmt, Bf16Format):
         return True
     if isinstance(fmt, QuantizedFormat):
-        return fmt.codec is int8_blockwise and fmt.rounding == "nearest" and fmt.sqrt_second_moment
+        entry = _QUANTIZED.get(fmt.codec)
+        return (
+            entry is not None
+            and fmt.block == entry[1]
+            and fmt.rounding == "nearest"
+            and fmt.sqrt_second_moment
+        )
     return isinstance(fmt, DenseFormat) and fmt.dtype == _F32
 
 
@@ -639,55 +946,75 @@ _ROLES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 def _flat(a: Any, dtype: np.dtype, size: int) -> np.ndarray | None:
     """``a`` as a 1-d writeable view of ``size`` elements of ``dtype``, or None."""
-    if type(a) is not np.ndarray or a.dtype != dtype or a.size != size:
+    # Plain attribute reads and identity first: this runs for every parameter of every step, and
+    # with small tensors it costs more than the kernel (as numba_cpu._flat_views).
+    if type(a) is not np.ndarray:
         return None
-    if not (a.flags.c_contiguous and a.flags.writeable):
+    d = a.dtype
+    if (d is not dtype and d != dtype) or a.size != size:
         return None
-    return a.reshape(-1)
+    flags = a.flags
+    if not (flags.c_contiguous and flags.writeable):
+        return None
+    return a if a.ndim == 1 else a.reshape(-1)
+
+
+_U16 = np.dtype(np.uint16)
+_CODE_DTYPES = {
+    (codec, signed): np.dtype(codec.code_dtype(signed))
+    for codec in (int8_companded, int8_blockwise)
+    for signed in (True, False)
+}
 
 
 def _views(fmt: Any, param: Any, grad: Any, *stored: Storage | None) -> tuple[Any, ...] | None:
-    """``(encoding, p, g, m arrays, v arrays, v_max arrays or None)`` as flat views, or None."""
-    if not supports(fmt) or type(param) is not np.ndarray or type(grad) is not np.ndarray:
+    """``(encoding, p, g, m arrays, v arrays, v_max arrays or None)`` as flat views, or None;
+    ``fmt`` must be :func:`supports`-ed."""
+    if type(param) is not np.ndarray or type(grad) is not np.ndarray:
         return None
     dtype = param.dtype
     if dtype not in SUPPORTED_DTYPES or grad.dtype != dtype or grad.shape != param.shape:
         return None
     if not grad.flags.c_contiguous:
         return None
-    p = _flat(param, dtype, param.size)
+    size = param.size
+    p = _flat(param, dtype, size)
     if p is None:
         return None
     encoding = None
     out: list[Any] = []
+    name, shape = fmt.name, param.shape
     for role, st in zip(_ROLES, stored, strict=True):
         if st is None:
             out.append(None)
             continue
-        if not isinstance(st, Storage) or st.format != fmt.name or st.role != role:
+        if type(st) is not Storage or st.format != name or st.role != role:
             return None
-        if st.shape != param.shape or (encoding is not None and st.encoding != encoding):
+        if st.shape != shape or (encoding is not None and st.encoding != encoding):
             return None
         encoding = st.encoding
-        arrays = _storage_views(fmt, st, param.size)
+        arrays = _storage_views(fmt, st, size)
         if arrays is None:
             return None
         out.append(arrays)
     if out[0] is None or out[1] is None:
         return None
-    return (encoding, p, grad.reshape(-1), *out)
+    return (encoding, p, grad if grad.ndim == 1 else grad.reshape(-1), *out)
 
 
 def _storage_views(fmt: Any, st: Storage, size: int) -> tuple[np.ndarray, ...] | None:
     arrays = st.arrays
-    if st.encoding == "dense":
+    encoding = st.encoding
+    if encoding == "dense":
         values = _flat(arrays.get("values"), _F32, size)
         return None if values is None else (values,)
-    if st.encoding == "bf16" and isinstance(fmt, Bf16Format):
-        bits = _flat(arrays.get("bits"), np.dtype(np.uint16), size)
+    if encoding == "bf16":
+        if not isinstance(fmt, Bf16Format):
+            return None
+        bits = _flat(arrays.get("bits"), _U16, size)
         return None if bits is None else (bits,)
-    if isinstance(fmt, QuantizedFormat) and st.encoding == fmt.name and st.block == fmt.block:
-        codes = _flat(arrays.get("codes"), np.dtype(np.uint8), size)
+    if isinstance(fmt, QuantizedFormat) and encoding == fmt.name and st.block == fmt.block:
+        codes = _flat(arrays.get("codes"), _CODE_DTYPES[fmt.codec, st.signed], size)
         scales = _flat(arrays.get("scales"), _F32, -(-size // fmt.block))
         if codes is None or scales is None:
             return None
@@ -710,6 +1037,8 @@ def qualifies(
     ``fmt`` for this shape with the matching role (``exp_avg``, ``exp_avg_sq``,
     ``max_exp_avg_sq``), one encoding for all, arrays writeable and contiguous.
     """
+    if not supports(fmt):
+        return False
     return _views(fmt, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq) is not None
 
 
@@ -752,7 +1081,7 @@ def adam_update_stored_(
             f"{getattr(fmt, 'name', fmt)!r} state rounds stochastically: the update needs "
             f"rng=numpy.random.Generator, got {type(rng).__name__}"
         )
-    views = [_views(fmt, *row[:5]) for row in rows]
+    views = [_views(fmt, *row[:5]) for row in rows] if supports(fmt) else [None] * len(rows)
     if fallback is None:
         for index, view in enumerate(views):
             if view is None:
@@ -761,8 +1090,10 @@ def adam_update_stored_(
                     f"{getattr(fmt, 'name', fmt)!r} (needs C-contiguous float32/float64 arrays "
                     "of one shape and dtype and storages made by this format for that shape)"
                 )
+    # One 64-bit key per parameter, raw from the generator's bit stream (``integers`` costs
+    # several microseconds a call, more than a small tensor's whole update).
     keys = (
-        rng.integers(0, 1 << 64, size=len(rows), dtype=np.uint64)
+        rng.bit_generator.random_raw(len(rows))
         if stochastic and any(v is not None for v in views)
         else None
     )
@@ -789,9 +1120,9 @@ def adam_update_stored_(
             kernel = _bf16_parallel if parallel else _bf16_serial
             kernel(p, g, m[0], v[0], wv, amsgrad, *coef, stochastic, key)
         else:
-            wc, ws = w if amsgrad else (m[0][:0], m[1][:0])
-            kernel = _int8_parallel if parallel else _int8_serial
-            bad = kernel(fmt.block, p, g, *m, *v, wc, ws, amsgrad, *coef)
+            wc, ws = w if amsgrad else (v[0][:0], v[1][:0])
+            kernel = _q_parallel if parallel else _q_serial
+            bad = kernel(_QUANTIZED[fmt.codec][0], p, g, *m, *v, wc, ws, amsgrad, *coef)
             if bad:
                 raise ValueError(
                     f"parameter {index}: {bad} block(s) of {fmt.block} got non-finite moments, "
