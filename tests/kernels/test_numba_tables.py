@@ -214,7 +214,7 @@ def test_arrays_entry_point_refuses_before_changing_anything():
 
 def test_sum_squares_does_not_depend_on_the_thread_count():
     rng = seeded_rng("tables-sum-threads")
-    blocks = [rng.standard_normal(s).astype(np.float32) for s in [(200_000,), (70_001,)]]
+    blocks = [rng.standard_normal(s).astype(np.float32) for s in [(1_000_000,), (70_001,)]]
     addresses = np.array([b.ctypes.data for b in blocks], dtype=np.int64)
     sizes = np.array([b.size for b in blocks], dtype=np.int64)
     totals = []

@@ -514,9 +514,9 @@ CANDIDATES: dict[str, Candidate] = {
             _adamkit_torch_state("int8"),
         ),
         Candidate(
-            "adamkit.torch[int8-blockwise]",
-            "adamkit.torch.Adam(state='int8-blockwise', guard=False): dynamic map, blocks of 256",
-            _adamkit_torch_state("int8-blockwise", guard=False),
+            "adamkit.torch[int8-companded]",
+            "adamkit.torch.Adam(state='int8-companded', guard=False): companded, blocks of 32",
+            _adamkit_torch_state("int8-companded", guard=False),
         ),
         Candidate(
             "adamkit.numpy[bf16]", "adamkit.numpy.Adam(state='bf16')", _adamkit_numpy_state("bf16")

@@ -63,6 +63,10 @@ __all__ = [
 #: (a few address loads) is invisible.
 CHUNK = 1 << 14
 
+#: A read-only sum is about 5x cheaper per element than a step, so it pays for waking the
+#: thread pool only on larger inputs (serial: about 15 us per 100k float32 elements).
+SUM_PARALLEL_MIN_SIZE = 1 << 20
+
 # Columns of the address table.
 PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ = range(5)
 
@@ -325,7 +329,7 @@ def sum_squares(addresses: np.ndarray, sizes: np.ndarray, dtype: np.dtype) -> fl
     if not len(chunks):
         return 0.0
     witness = _witness(np.dtype(dtype))
-    kernel = _squares_parallel if int(sizes.sum()) >= PARALLEL_MIN_SIZE else _squares_serial
+    kernel = _squares_parallel if int(sizes.sum()) >= SUM_PARALLEL_MIN_SIZE else _squares_serial
     return math.fsum(kernel(addresses, sizes, chunks, witness))
 
 
