@@ -119,6 +119,11 @@ def sum_squares(tables: dict[torch.dtype, tuple[np.ndarray, np.ndarray]]) -> flo
     return total
 
 
+def _kernel_ready(t: Tensor, dtype: torch.dtype, n: int) -> bool:
+    # A tensor of a row: the row's dtype and size, on the CPU, C-contiguous, no negation bit.
+    return t.dtype is dtype and t.is_cpu and t.is_contiguous() and not t.is_neg() and t.numel() == n
+
+
 def param_tables(
     rows: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]],
 ) -> tuple[dict[torch.dtype, Table], list[int]]:
@@ -133,9 +138,9 @@ def param_tables(
     dtensor = _dtensor_type()
     for i, (p, g, m, v, w, s) in enumerate(rows):
         dtype = p.dtype
-        if w is None:
-            w = v
         n = p.numel()
+        # Written out rather than a loop over (g, m, v, w): a generator per parameter costs
+        # about as much as all these reads together.
         if (
             (dtype is f32 or dtype is f64)
             and p.is_cpu
@@ -145,15 +150,13 @@ def param_tables(
             and s.dtype is f32
             and s.is_cpu
             and s.numel() == 1
-            and all(
-                t.dtype is dtype
-                and t.is_cpu
-                and t.is_contiguous()
-                and not t.is_neg()
-                and t.numel() == n
-                for t in (g, m, v, w)
-            )
+            and _kernel_ready(g, dtype, n)
+            and _kernel_ready(m, dtype, n)
+            and _kernel_ready(v, dtype, n)
+            and (w is None or _kernel_ready(w, dtype, n))
         ):
+            if w is None:
+                w = v
             entry = found.get(dtype)
             if entry is None:
                 entry = found[dtype] = ([], [], [])

@@ -523,15 +523,18 @@ class TorchGuard:
             self.snapshot = None  # parameters were added since: a rollback could not be exact
         if self.snapshot is None and guard.has_snapshot:
             guard.invalidate_snapshot()
-        grads = [p.grad for p in params]
         config = guard.config
         collective, group = _active_group(self.process_group)
         # With nothing to decide from the norm or the loss, the ranks cannot disagree.
         collective = collective and (config.needs_grad_norm or config.loss_spike)
         if collective:
+            grads = [p.grad for p in params]
             norm, step_loss = _collective_inputs(grads, loss, group, config)
         else:
-            norm = grad_norm if grad_norm is not None else (lambda: global_norm(grads))
+            norm = grad_norm
+            if norm is None:
+                grads = [p.grad for p in params]
+                norm = lambda: global_norm(grads)  # noqa: E731 - read at most once, if needed
             step_loss = _guard_loss(loss, config)
         plan = guard.plan_step(
             loss=step_loss,

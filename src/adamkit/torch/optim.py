@@ -68,9 +68,9 @@ _SPARSE_MESSAGE = "Adam does not support sparse gradients, please consider Spars
 _WORK_DTYPES = (torch.float32, torch.float64)  # NumPy views the step can update in place
 _Plan = tuple[StepFn | None, list[Tensor], float]
 # A group's share for the address-table kernel: (tables, positions of the other parameters in
-# the plan's list, the parameters in the tables, the rows of tensors whose addresses the tables
-# hold, kept here so that they stay alive until the kernel has run).
-_Prepared = tuple[dict[torch.dtype, Table], list[int], list[Tensor], list[tuple[Any, ...]]]
+# the plan's list, the rows of tensors whose addresses the tables hold, kept here so that they
+# stay alive until the kernel has run).
+_Prepared = tuple[dict[torch.dtype, Table], list[int], list[tuple[Any, ...]]]
 # Everything in a group that its checks read (see Adam._checked_settings).
 _SETTING_KEYS = (
     "lr",
@@ -560,11 +560,14 @@ class Adam(torch.optim.Optimizer):
 
         def grad_norm() -> float:
             # The tables' gradients by one kernel call per dtype, the others as global_norm.
-            done = {id(p) for prepared in tables if prepared for p in prepared[2]}
-            others = [p.grad for p in params if id(p) not in done] if done else None
-            squares = sum(grad_squares(prepared[0]) for prepared in tables if prepared)
-            if others is None:
-                return global_norm(p.grad for p in params)
+            squares = 0.0
+            others: list[Tensor] = []
+            for (_, group_params, _), prepared in zip(plans, tables, strict=True):
+                if prepared is None:
+                    others.extend(p.grad for p in group_params)
+                    continue
+                squares += grad_squares(prepared[0])
+                others.extend(group_params[i].grad for i in prepared[1])
             rest = global_norm(others) if others else 0.0
             total = squares + rest * rest
             return math.nan if math.isnan(total) else math.sqrt(total)
@@ -581,7 +584,7 @@ class Adam(torch.optim.Optimizer):
 
     def _tables(self, plans: list[_Plan]) -> list[_Prepared | None]:
         # Per group, the address tables of the parameters whose state exists and that the
-        # numba table kernel can take (plus those parameters, and the positions of the rest),
+        # numba table kernel can take (and the positions of the rest),
         # built once per step and shared by the guard's gradient norm and the update.
         prepared: list[_Prepared | None] = []
         state = self.state
@@ -593,13 +596,14 @@ class Adam(torch.optim.Optimizer):
             rows = []
             ready = []
             rest = []
+            format_key = tf.FORMAT_KEY
             for i, p in enumerate(params):
                 entry = state.get(p)
                 if (
                     entry
                     and "exp_avg" in entry
                     and (not amsgrad or "max_exp_avg_sq" in entry)
-                    and tf.FORMAT_KEY not in entry
+                    and format_key not in entry
                 ):
                     rows.append(
                         (
@@ -619,11 +623,8 @@ class Adam(torch.optim.Optimizer):
                 prepared.append(None)
                 continue
             if rejected:
-                dropped = set(rejected)
                 rest = sorted(rest + [ready[j] for j in rejected])
-                ready = [i for j, i in enumerate(ready) if j not in dropped]
-            taken = [params[i] for i in ready]
-            prepared.append((tables, rest, taken, rows))
+            prepared.append((tables, rest, rows))
         return prepared
 
     def _apply_measured(
