@@ -78,8 +78,8 @@ and the ratios by up to 0.2)::
     fp32 state (numba_cpu)       0.48 (1.35)    0.90 (1.34)
     bf16, stochastic rounding    0.58 (1.13)    1.15 (1.04)    0.75 / 0.76
     bf16, nearest                0.45 (1.45)    0.90 (1.34)    0.97 / 0.89
-    int8 (companded, 32)         0.55 (1.18)    1.14 (1.06)
-    int8-blockwise (256)         0.80 (0.81)    1.64 (0.73)    0.43 / 0.53
+    int8-companded (32)          0.55 (1.18)    1.14 (1.06)
+    int8 (dynamic map, 256)      0.80 (0.81)    1.64 (0.73)    0.43 / 0.53
 
 Variants measured on the way (1 thread, ns per element; torch.fused 1.20-1.35 in those runs): the
 companded step with ``m`` decoded by its division 1.33, by the table 1.27 (shipped), with the
@@ -926,7 +926,7 @@ _QUANTIZED = {int8_companded: (_COMPANDED, _CB), int8_blockwise: (_BLOCKWISE, _B
 def supports(fmt: Any) -> bool:
     """True when ``fmt`` has a fused kernel here: ``bf16`` (either rounding), dense ``fp32``
     moments, and the 8-bit formats with nearest rounding, ``sqrt(v)`` stored and their codec's
-    default block (companded 32: ``"int8"``; dynamic map 256: ``"int8-blockwise"``).
+    default block (companded 32: ``"int8-companded"``; dynamic map 256: ``"int8"``).
     (``"native"`` state is the plain kernel's, :mod:`adamkit.kernels.numba_cpu`.)"""
     if isinstance(fmt, Bf16Format):
         return True
