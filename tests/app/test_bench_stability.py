@@ -317,3 +317,13 @@ def test_baseline_faults_are_restricted_to_the_asked_optimizers(tmp_path):
         bs.load_baseline_faults(path, dtypes=("bf16",), seeds=(0, 1))
     with pytest.raises(ValueError, match="other seeds"):
         bs.load_baseline_faults(path, dtypes=("fp32",), seeds=(0, 1, 2))
+
+
+@pytest.mark.parametrize(
+    "option", ["--seeds", "--epochs", "--batch-size", "--cnn-train", "--threads"]
+)
+def test_counts_below_one_are_refused_with_a_message(option, capsys):
+    from adamkit.app.cli import main
+
+    assert main(["bench", "stability", option, "0"]) == 2
+    assert f"{option} must be >= 1, got 0" in capsys.readouterr().err

@@ -165,3 +165,17 @@ def test_the_table_shows_state_bytes_per_parameter():
     assert rows[0]["state_bytes_per_param"] == 8.0 and rows[1]["state_bytes_per_param"] is None
     table = bench._table(rows)
     assert "B/param" in table.splitlines()[0] and "8.00" in table.splitlines()[2]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--repeats", "0"], "--repeats and --warmup must be at least 1"),
+        (["--threads", "0"], "--threads must be at least 1, got 0"),
+    ],
+)
+def test_bad_counts_exit_2_with_their_message(argv, message, capsys):
+    from adamkit.app.cli import main
+
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err

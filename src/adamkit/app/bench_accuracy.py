@@ -77,6 +77,7 @@ from adamkit.app.bench_common import (
     SweepData,
     build_model,
     csv_choice,
+    first_below_one,
     load_fashion,
     machine_info,
     set_threads,
@@ -901,9 +902,8 @@ def run(args: argparse.Namespace) -> int:
         eval_every=args.gpt_eval_every,
         eval_windows=args.gpt_eval_windows,
     )
-    bad = [
-        f"{name} must be >= 1, got {value}"
-        for name, value in (
+    bad = first_below_one(
+        (
             ("--seeds", n_seeds),
             ("--epochs", epochs),
             ("--batch-size", args.batch_size),
@@ -914,10 +914,9 @@ def run(args: argparse.Namespace) -> int:
             ("--threads", args.threads),
             ("--train-images", 1 if train_images is None else train_images),
         )
-        if value < 1
-    ]
+    )
     if bad:
-        print(f"adamkit bench accuracy: {bad[0]}", file=sys.stderr)
+        print(f"adamkit bench accuracy: {bad}", file=sys.stderr)
         return 2
     set_threads(args.threads)
     out = Path(args.out)

@@ -19,6 +19,7 @@ __all__ = [
     "SweepData",
     "build_model",
     "csv_choice",
+    "first_below_one",
     "load_fashion",
     "machine_info",
     "set_threads",
@@ -130,3 +131,12 @@ def machine_info() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "loadavg": load,
     }
+
+
+def first_below_one(options: Sequence[tuple[str, int]]) -> str | None:
+    """``"--name must be >= 1, got v"`` for the first ``(name, v)`` with ``v < 1``, else
+    ``None``: the counts a benchmark's CLI checks before it starts."""
+    for name, value in options:
+        if value < 1:
+            return f"{name} must be >= 1, got {value}"
+    return None

@@ -69,6 +69,7 @@ from adamkit.app.bench_common import (
     SweepData,
     build_model,
     csv_choice,
+    first_below_one,
     load_fashion,
     machine_info,
     set_threads,
@@ -852,8 +853,20 @@ def run(args: argparse.Namespace) -> int:
 
     if getattr(args, "merge", None):
         return _run_merge(args)
+    bad = first_below_one(
+        (
+            ("--seeds", 1 if args.seeds is None else args.seeds),
+            ("--epochs", args.epochs),
+            ("--batch-size", args.batch_size),
+            ("--cnn-train", args.cnn_train),
+            ("--threads", args.threads),
+        )
+    )
+    if bad:
+        print(f"adamkit bench stability: {bad}", file=sys.stderr)
+        return 2
     set_threads(args.threads)
-    seeds = tuple(range(args.seeds if args.seeds else (1 if args.quick else 3)))
+    seeds = tuple(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
     guard_all = args.guard_options if args.guard_options is not None else "all"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

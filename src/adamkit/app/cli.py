@@ -259,8 +259,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from adamkit.app import train
 
         return train.run(config_from_args(args), resume=args.resume, argv=argv)
-    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2); or a message
+        if isinstance(exc.code, int):
+            return exc.code
+        if exc.code is not None:
+            print(exc.code, file=sys.stderr)
+        return EXIT_USAGE
     except AppError as exc:
         print(f"adamkit: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -233,6 +233,15 @@ def _worker(rank: int, job: _Job, stop_event: Any, results: Any) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        # Leave without the interpreter's teardown: a native thread still joinable then ended a
+        # finished rank with SIGABRT ("terminate called without an active exception", seen once
+        # in CI), and the parent took the abort for a crash before rank 0 had reported.  The
+        # message queue is flushed first; what a rank has to say is in it.
+        results.close()
+        results.join_thread()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _free_port() -> int:

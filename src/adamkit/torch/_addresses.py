@@ -90,11 +90,9 @@ def split_blocks(
         dtype = t.dtype
         if (
             (dtype is torch.float32 or dtype is torch.float64)
-            and t.is_cpu
             and t.layout is torch.strided
-            and t.is_contiguous()
-            and not t.is_neg()
             and (dtensor is None or not isinstance(t, dtensor))
+            and _kernel_ready(t, dtype, t.numel())
         ):
             addresses, sizes = found.setdefault(dtype, ([], []))
             addresses.append(t.data_ptr())
