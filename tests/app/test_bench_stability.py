@@ -186,7 +186,14 @@ def test_overhead_reports_every_candidate():
     }
     assert result["overhead_pct"]["adamkit (no guard)"] == 0.0
     assert result["train_params"] == 8 * 16 + 16 + 16 * 4 + 4
-    assert set(result["train_median_ms"]) == {"adamkit (no guard)", "adamkit (default guard)"}
+    assert set(result["train_median_ms"]) == {
+        "adamkit (no guard)",
+        "adamkit (default guard)",
+        "adamkit (default guard, check in step)",
+    }
+    assert set(result["after_backward_step_ms"]) == set(result["after_backward_backward_ms"])
+    assert "adamkit (default guard, check in step)" in result["after_backward_step_ms"]
+    assert result["after_backward_overhead_pct"]["adamkit (no guard)"] == 0.0
 
 
 def test_cli_options_and_missing_data(tmp_path, capsys):

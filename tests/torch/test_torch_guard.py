@@ -167,13 +167,13 @@ def test_default_check_is_one_reduction_per_step(monkeypatch):
         # CPU float tensors are summed by the address-table kernel instead: one call per dtype.
         from adamkit.kernels import numba_tables
 
-        summed = numba_tables.sum_squares
+        summed = numba_tables.squares_parts
 
-        def counting_kernel(addresses, sizes, dtype):
+        def counting_kernel(addresses, sizes, dtype, parallel=None):
             calls.append(len(addresses))
-            return summed(addresses, sizes, dtype)
+            return summed(addresses, sizes, dtype, parallel)
 
-        monkeypatch.setattr(numba_tables, "sum_squares", counting_kernel)
+        monkeypatch.setattr(numba_tables, "squares_parts", counting_kernel)
     for _ in range(3):
         set_grads(params, gen)
         opt.step()

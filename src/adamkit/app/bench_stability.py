@@ -688,11 +688,16 @@ def guard_overhead(
     ``width x width`` float32 matrices plus biases (10M parameters by default), with nothing
     wrong; and the time of a whole training step (forward, backward, step) of an MLP with layer
     widths ``train_sizes`` (10.0M parameters by default) at batch 256, without a guard and with
-    the default guard.
+    the default guard (its gradient check in backward, and in the step).
 
-    Each round times one step of every candidate in a rotating order (noise hits all alike); the
-    gradients are fixed random tensors shared by all candidates.  ``overhead_pct`` is relative
-    to ``adamkit (no guard)``; ``train_overhead_pct`` likewise for the training step.
+    Each round times one step of every candidate in a rotating order (noise hits all alike).
+    ``median_ms``: the gradients are fixed random tensors shared by all candidates, set without
+    a backward pass, so the default guard's check runs in ``step()``.
+    ``after_backward_step_ms`` / ``after_backward_backward_ms``: each round first runs a
+    backward pass that produces the same gradients (``sum(p * g)``), timed apart, then the
+    step; there the default guard's check (``check_in_backward``) runs at the end of backward.
+    ``overhead_pct`` is relative to ``adamkit (no guard)``, ``after_backward_overhead_pct``
+    (step) likewise, ``train_overhead_pct`` likewise for the training step.
     """
     from adamkit.torch import Adam
 
@@ -725,6 +730,20 @@ def guard_overhead(
 
     medians, minima = _interleaved({n: optimizer_step(n) for n in candidates}, rounds, warmup)
     base = medians["adamkit (no guard)"]
+    after = _after_backward(
+        {
+            "adamkit (no guard)": lambda ps: Adam(ps, lr=1e-3, guard=False),
+            "adamkit (default guard)": lambda ps: Adam(ps, lr=1e-3),
+            "adamkit (default guard, check in step)": lambda ps: Adam(
+                ps, lr=1e-3, guard={"check_in_backward": False}
+            ),
+            "torch.optim.Adam fused": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
+        },
+        grads,
+        rounds,
+        warmup,
+    )
+    after_base = after["step"]["adamkit (no guard)"]
 
     sizes = tuple(train_sizes)
     data = torch.randn(256, sizes[0], generator=gen)
@@ -746,7 +765,11 @@ def guard_overhead(
 
         return step
 
-    train = {"adamkit (no guard)": train_step(False), "adamkit (default guard)": train_step(True)}
+    train = {
+        "adamkit (no guard)": train_step(False),
+        "adamkit (default guard)": train_step(True),
+        "adamkit (default guard, check in step)": train_step({"check_in_backward": False}),
+    }
     train_medians, _ = _interleaved(train, train_rounds, warmup)
     train_base = train_medians["adamkit (no guard)"]
     return {
@@ -756,10 +779,50 @@ def guard_overhead(
         "median_ms": medians,
         "min_ms": minima,
         "overhead_pct": {n: 100.0 * (m / base - 1.0) for n, m in medians.items()},
+        "after_backward_step_ms": after["step"],
+        "after_backward_backward_ms": after["backward"],
+        "after_backward_overhead_pct": {
+            n: 100.0 * (m / after_base - 1.0) for n, m in after["step"].items()
+        },
         "train_params": sum(a * b + b for a, b in itertools.pairwise(sizes)),
         "train_rounds": train_rounds,
         "train_median_ms": train_medians,
         "train_overhead_pct": {n: 100.0 * (m / train_base - 1.0) for n, m in train_medians.items()},
+    }
+
+
+def _after_backward(
+    makers: dict[str, Callable[[list[torch.nn.Parameter]], Any]],
+    grads: Sequence[torch.Tensor],
+    rounds: int,
+    warmup: int,
+) -> dict[str, dict[str, float]]:
+    # {"step": median ms, "backward": median ms} per optimizer; every round each optimizer's
+    # parameters get ``grads`` from a backward pass of sum(p * g) (fresh gradient tensors, as
+    # zero_grad() leaves them), timed apart from the step that follows.
+    names = list(makers)
+    opts = {}
+    for name in names:
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        opts[name] = (makers[name](params), params)
+    times: dict[str, dict[str, list[float]]] = {"step": {}, "backward": {}}
+    for i in range(warmup + rounds):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        for name in order:
+            opt, params = opts[name]
+            opt.zero_grad()
+            started = time.perf_counter()
+            terms = [(p * g).sum() for p, g in zip(params, grads, strict=True)]
+            torch.stack(terms).sum().backward()
+            middle = time.perf_counter()
+            opt.step()
+            ended = time.perf_counter()
+            if i >= warmup:
+                times["backward"].setdefault(name, []).append(middle - started)
+                times["step"].setdefault(name, []).append(ended - middle)
+    return {
+        part: {n: 1e3 * statistics.median(t) for n, t in by_name.items()}
+        for part, by_name in times.items()
     }
 
 
@@ -994,6 +1057,11 @@ def run(args: argparse.Namespace) -> int:
         )
         for name, ms in result["median_ms"].items():
             say(f"  {name:<24} median {ms:8.2f} ms  ({result['overhead_pct'][name]:+.1f}%)")
+        say("step after a backward pass (the backward's own time apart):")
+        for name, ms in result["after_backward_step_ms"].items():
+            pct = result["after_backward_overhead_pct"][name]
+            back = result["after_backward_backward_ms"][name]
+            say(f"  {name:<38} step {ms:8.2f} ms ({pct:+.1f}%)  backward {back:8.2f} ms")
         say(
             f"training step (forward, backward, step), {result['train_params'] / 1e6:.1f}M "
             f"parameters, batch 256, {result['train_rounds']} interleaved rounds:"

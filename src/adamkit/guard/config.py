@@ -128,6 +128,15 @@ class GuardConfig:
         ``track_update_norm`` (default ``False``): also measure the update norm and the
         update-to-weight ratio (one more reduction over the parameters per step).
 
+    Where the gradient norm is taken, ``check_in_backward`` (default ``True``; ``adamkit.torch``
+    only, ignored elsewhere): large gradients (>= 65,536 elements, CPU float32/float64,
+    contiguous) are read for the norm by a post-accumulate-grad hook during backward, while they
+    are in cache, and ``step()`` uses that value as long as the gradient is the same tensor with
+    an unchanged version counter; otherwise it reads the gradient itself.  The norm, and so every
+    decision, is bit-identical either way.  Turn it off when code modifies gradients after
+    backward in ways torch's version counter does not see (``grad.data``, NumPy views); see
+    :mod:`adamkit.torch.backward_checks`.  Not used when the guard reduces across processes.
+
     Raises ``ValueError``/``TypeError`` as described in the module docstring.
     """
 
@@ -158,6 +167,8 @@ class GuardConfig:
 
     track_update_norm: bool = False
 
+    check_in_backward: bool = True
+
     def __post_init__(self) -> None:
         checked = {
             "skip_nonfinite": check_flag(self.skip_nonfinite, "skip_nonfinite"),
@@ -182,6 +193,7 @@ class GuardConfig:
             "lr_factor": _half_open_unit(self.lr_factor, "lr_factor"),
             "lr_cooldown": check_int(self.lr_cooldown, "lr_cooldown", 0),
             "track_update_norm": check_flag(self.track_update_norm, "track_update_norm"),
+            "check_in_backward": check_flag(self.check_in_backward, "check_in_backward"),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)

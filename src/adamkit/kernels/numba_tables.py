@@ -55,6 +55,7 @@ __all__ = [
     "advance_steps",
     "read_steps",
     "rms_lr_factors",
+    "squares_parts",
     "sum_squares",
 ]
 
@@ -325,12 +326,28 @@ def sum_squares(addresses: np.ndarray, sizes: np.ndarray, dtype: np.dtype) -> fl
     the number of threads (per-chunk sums, added exactly by ``math.fsum``); within a chunk the
     additions are vectorised, so the last bits may differ between CPUs of other vector widths.
     """
+    return math.fsum(squares_parts(addresses, sizes, dtype))
+
+
+def squares_parts(
+    addresses: np.ndarray, sizes: np.ndarray, dtype: np.dtype, parallel: bool | None = None
+) -> np.ndarray:
+    """The float64 sums of squares of the chunks :func:`sum_squares` adds up, tensors in order.
+
+    A tensor's chunks, and so its parts, depend only on its own size and contents, never on
+    the other blocks of the call or the thread count: ``math.fsum`` over the parts of several
+    calls equals :func:`sum_squares` of one call over all their blocks, bit for bit.
+    ``parallel``: run the chunks on numba's thread pool (``None``: from
+    :data:`SUM_PARALLEL_MIN_SIZE` elements on); the parts are the same either way.
+    """
     chunks = _chunks(sizes)
     if not len(chunks):
-        return 0.0
+        return np.zeros(0, dtype=np.float64)
     witness = _witness(np.dtype(dtype))
-    kernel = _squares_parallel if int(sizes.sum()) >= SUM_PARALLEL_MIN_SIZE else _squares_serial
-    return math.fsum(kernel(addresses, sizes, chunks, witness))
+    if parallel is None:
+        parallel = int(sizes.sum()) >= SUM_PARALLEL_MIN_SIZE
+    kernel = _squares_parallel if parallel else _squares_serial
+    return kernel(addresses, sizes, chunks, witness)
 
 
 def adam_update_table_(

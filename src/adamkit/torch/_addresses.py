@@ -15,6 +15,7 @@ Kernel calls here follow ``torch.get_num_threads()`` as the NumPy-view path does
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -28,13 +29,15 @@ from adamkit.kernels import numba_available
 __all__ = [
     "KERNEL_DTYPES",
     "Table",
-    "grad_squares",
+    "add_parts",
+    "grad_tables",
     "numba_threads",
     "numpy_dtype",
     "param_tables",
     "rms_update_table_",
     "rms_update_tables_",
     "split_blocks",
+    "squares_parts",
     "sum_squares",
     "update_tables_",
 ]
@@ -106,15 +109,38 @@ def split_blocks(
     return tables, rest
 
 
-def sum_squares(tables: dict[torch.dtype, tuple[np.ndarray, np.ndarray]]) -> float:
-    """Sum of squares (float64) of every block in ``tables`` (from :func:`split_blocks`)."""
+def squares_parts(
+    tables: dict[torch.dtype, tuple[np.ndarray, np.ndarray]], parallel: bool | None = None
+) -> list[np.ndarray]:
+    """The per-chunk float64 sums of squares of every block in ``tables`` (from
+    :func:`split_blocks`), one array per dtype (:func:`adamkit.kernels.numba_tables.squares_parts`:
+    each block's parts depend on that block only; ``parallel`` as there)."""
     from adamkit.kernels import numba_tables
 
-    total = 0.0
+    if parallel is False:
+        return [
+            numba_tables.squares_parts(addresses, sizes, _NUMPY[dtype], parallel=False)
+            for dtype, (addresses, sizes) in tables.items()
+        ]
     with numba_threads():
-        for dtype, (addresses, sizes) in tables.items():
-            total += numba_tables.sum_squares(addresses, sizes, _NUMPY[dtype])
-    return total
+        return [
+            numba_tables.squares_parts(addresses, sizes, _NUMPY[dtype], parallel=parallel)
+            for dtype, (addresses, sizes) in tables.items()
+        ]
+
+
+def add_parts(parts: Sequence[np.ndarray]) -> float:
+    """The correctly rounded sum of all parts (``math.fsum``): the same float for the same
+    parts in any grouping or order, so a sum of squares does not depend on which call took
+    which block."""
+    if not parts:
+        return 0.0
+    return math.fsum(np.concatenate(parts)) if len(parts) > 1 else math.fsum(parts[0])
+
+
+def sum_squares(tables: dict[torch.dtype, tuple[np.ndarray, np.ndarray]]) -> float:
+    """Sum of squares (float64) of every block in ``tables`` (from :func:`split_blocks`)."""
+    return add_parts(squares_parts(tables))
 
 
 def _kernel_ready(t: Tensor, dtype: torch.dtype, n: int) -> bool:
@@ -174,16 +200,20 @@ def param_tables(
     return tables, rejected
 
 
-def grad_squares(tables: dict[torch.dtype, Table]) -> float:
-    """Sum of squares (float64) of the gradients in ``tables`` (from :func:`param_tables`)."""
-    from adamkit.kernels import numba_tables
-
-    total = 0.0
-    with numba_threads():
-        for dtype, (rows, sizes, _) in tables.items():
-            grads = np.ascontiguousarray(rows[:, 1])
-            total += numba_tables.sum_squares(grads, sizes, _NUMPY[dtype])
-    return total
+def grad_tables(
+    tables: dict[torch.dtype, Table], keep: dict[torch.dtype, np.ndarray] | None = None
+) -> dict[torch.dtype, tuple[np.ndarray, np.ndarray]]:
+    """The gradients' blocks of ``tables`` (from :func:`param_tables`) in the form of
+    :func:`split_blocks`; ``keep``: per dtype, a boolean mask of the rows to take (all rows of
+    a dtype without an entry)."""
+    found = {}
+    for dtype, (rows, sizes, _) in tables.items():
+        mask = None if keep is None else keep.get(dtype)
+        if mask is None:
+            found[dtype] = (np.ascontiguousarray(rows[:, 1]), sizes)
+        elif mask.any():
+            found[dtype] = (np.ascontiguousarray(rows[mask, 1]), sizes[mask])
+    return found
 
 
 def update_tables_(

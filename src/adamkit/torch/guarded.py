@@ -79,11 +79,12 @@ from adamkit.guard import Guard, GuardConfig, StepPlan, clipped_adam_update_, re
 from adamkit.kernels import numba_available
 from adamkit.torch._addresses import (
     Table,
+    add_parts,
     numba_threads,
     param_tables,
     rms_update_table_,
     split_blocks,
-    sum_squares,
+    squares_parts,
 )
 from adamkit.torch.distributed import reduce_device
 from adamkit.torch.functional import adam_torch_, hyper_params
@@ -95,6 +96,8 @@ __all__ = [
     "adam_numpy_clipped_",
     "check_process_group",
     "global_norm",
+    "global_squares",
+    "uses_collectives",
 ]
 
 STATE_FORMAT = "adamkit.torch.guard"
@@ -129,9 +132,19 @@ def global_norm(tensors: Iterable[Tensor]) -> float:
     accumulation costs ten times as much in torch on the CPU; that is ample for detecting
     non-finite values and for z-scores of the norm.
     """
-    tensors = list(tensors)  # held until the kernel has read them: tables hold addresses only
+    total = global_squares(list(tensors))
+    return math.sqrt(total) if not math.isnan(total) else math.nan
+
+
+def global_squares(tensors: Sequence[Tensor], parts: Sequence[np.ndarray] = ()) -> float:
+    """The square of :func:`global_norm` of ``tensors``, plus the partial sums of squares
+    ``parts`` (float64 arrays from :func:`adamkit.torch._addresses.squares_parts` or records of
+    the same, see :mod:`adamkit.torch.backward_checks`).  The kernel-read tensors and ``parts``
+    are added exactly (``math.fsum``), so the result does not depend on which of them came as
+    parts."""
+    # `tensors` is held until the kernel has read them: tables hold addresses only.
     tables, rest = split_blocks(tensors)
-    fast = sum_squares(tables) if tables else 0.0
+    total = add_parts([*parts, *squares_parts(tables)]) if tables or parts else 0.0
     buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in rest:
         if t.is_sparse:
@@ -146,10 +159,9 @@ def global_norm(tensors: Iterable[Tensor]) -> float:
         # float64 where the device has it (MPS does not)
         acc = torch.float32 if device.type == "mps" else torch.float64
         squares.setdefault(device, []).append(torch.stack(norms).to(acc).square().sum())
-    total = fast
-    for parts in squares.values():
-        total += torch.stack(parts).sum().item()
-    return math.sqrt(total) if not math.isnan(total) else math.nan
+    for device_parts in squares.values():
+        total += torch.stack(device_parts).sum().item()
+    return total
 
 
 # -- the collective part (see "Under torch.distributed" in the module docstring) ---------------
@@ -187,6 +199,15 @@ def _active_group(process_group: Any) -> tuple[bool, Any]:
             return False, None
         raise RuntimeError("the guard's process_group is set but no process group is initialized")
     return dist.get_world_size(process_group) > 1, process_group
+
+
+def uses_collectives(process_group: Any) -> bool:
+    """Whether a guard with this ``process_group`` argument would reduce across processes now
+    (also ``True`` when it names a group but none is initialized: its step will raise)."""
+    try:
+        return _active_group(process_group)[0]
+    except RuntimeError:
+        return True
 
 
 # Columns of the per-rank row: sums of squares of plain tensors and of DTensor shards (already

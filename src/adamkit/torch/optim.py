@@ -22,6 +22,7 @@ from torch import Tensor
 from adamkit.core.config import AdamHyperParams
 from adamkit.formats import StateFormat, get_format
 from adamkit.guard import Guard, GuardConfig, StepPlan, clipped_adam_update_, resolve_guard
+from adamkit.kernels import numba_available
 from adamkit.kernels.stored import (
     adam_update_stored_,
     holds_non_finite,
@@ -31,7 +32,6 @@ from adamkit.kernels.stored import (
 from adamkit.torch import formats as tf
 from adamkit.torch._addresses import (
     Table,
-    grad_squares,
     param_tables,
     rms_update_tables_,
     update_tables_,
@@ -42,6 +42,7 @@ from adamkit.torch._groups import (
     check_group,
     effective_weight_decay,
 )
+from adamkit.torch.backward_checks import BackwardSquares, recorded_parts, table_grad_parts
 from adamkit.torch.functional import (
     StepFn,
     adam_numba_,
@@ -54,6 +55,8 @@ from adamkit.torch.guarded import (
     adam_numpy_clipped_,
     check_process_group,
     global_norm,
+    global_squares,
+    uses_collectives,
 )
 from adamkit.torch.state_dict import (
     ADAMKIT_GROUP_KEYS,
@@ -227,6 +230,7 @@ class Adam(torch.optim.Optimizer):
             None if config is None else TorchGuard(config, process_group)
         )
         self.last_step_applied = True
+        self._checks: BackwardSquares | None = None
 
     @property
     def guard(self) -> Guard | None:
@@ -252,6 +256,9 @@ class Adam(torch.optim.Optimizer):
         state["last_step_applied"] = self.last_step_applied
         state["_format_rng"] = self._format_rng
         state.pop("_checked", None)  # keyed by id(group): meaningless in a copy
+        # Hooks belong to the original's parameters; a copy hooks its own at its next step.
+        state.pop("_checks", None)
+        state.pop("_attach_pending", None)
         return state
 
     def state_nbytes(self) -> int:
@@ -317,6 +324,7 @@ class Adam(torch.optim.Optimizer):
             "construction_lr", float(lr.item() if isinstance(lr, Tensor) else lr)
         )
         super().add_param_group(param_group)
+        self._attach_pending = True  # the new parameters' gradient hooks, at the next step
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch calls this from load_state_dict with only state and param_groups: keep the guard.
@@ -325,6 +333,8 @@ class Adam(torch.optim.Optimizer):
             state = {**state, "_guard": TorchGuard(GuardConfig())}
         super().__setstate__(state)
         self.__dict__.setdefault("last_step_applied", True)
+        self.__dict__.setdefault("_checks", None)
+        self._attach_pending = True
         if "_format_rng" not in self.__dict__:
             self._format_rng = tf.new_rng()
         for group in self.param_groups:
@@ -557,19 +567,22 @@ class Adam(torch.optim.Optimizer):
             return result
         params = [p for _, group_params, _ in plans for p in group_params]
         tables = self._tables(plans)
+        checks = self._backward_checks()
 
         def grad_norm() -> float:
-            # The tables' gradients by one kernel call per dtype, the others as global_norm.
-            squares = 0.0
+            # global_norm of the gradients: recorded during backward where possible (see
+            # adamkit.torch.backward_checks), the tables' others by one kernel call per dtype,
+            # the rest as global_norm; added exactly, so the result is the same either way.
+            parts: list[np.ndarray] = []
             others: list[Tensor] = []
             for (_, group_params, _), prepared in zip(plans, tables, strict=True):
                 if prepared is None:
                     others.extend(p.grad for p in group_params)
                     continue
-                squares += grad_squares(prepared[0])
+                parts.extend(table_grad_parts(checks, prepared[0]))
                 others.extend(group_params[i].grad for i in prepared[1])
-            rest = global_norm(others) if others else 0.0
-            total = squares + rest * rest
+            recorded, rest = recorded_parts(checks, others)
+            total = global_squares(rest, parts + recorded)
             return math.nan if math.isnan(total) else math.sqrt(total)
 
         def apply(plan: StepPlan, measure: bool = False) -> Any:
@@ -581,6 +594,23 @@ class Adam(torch.optim.Optimizer):
             self, params, apply, loss=loss, grad_norm=grad_norm, measures_update=True
         )
         return result
+
+    def _backward_checks(self) -> BackwardSquares | None:
+        # The hooks of GuardConfig.check_in_backward, attached to parameters added since the
+        # last step; none when the guard needs no gradient norm or reduces it across processes
+        # (its collective computes the norm of the reduced gradients itself).
+        guard = self._guard
+        config = None if guard is None else guard.config
+        if config is None or not (config.check_in_backward and config.needs_grad_norm):
+            return None
+        if self.__dict__.get("_attach_pending", True):
+            self._attach_pending = False
+            if not numba_available() or uses_collectives(guard.process_group):
+                return None
+            if self._checks is None:
+                self._checks = BackwardSquares()
+            self._checks.attach(p for group in self.param_groups for p in group["params"])
+        return self._checks
 
     def _tables(self, plans: list[_Plan]) -> list[_Prepared | None]:
         # Per group, the address tables of the parameters whose state exists and that the
