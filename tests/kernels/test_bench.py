@@ -52,6 +52,27 @@ def test_each_candidate_runs_the_same_adam_step(name):
         assert rel_diff(p, p0) <= 1e-9, name
 
 
+@pytest.mark.parametrize("name", ["adamkit.torch+bwd", "torch.fused+bwd"])
+def test_after_backward_candidates_run_the_same_step_on_their_own_params(name):
+    """Their gradients come from the untimed backward (``prepare``), equal to the layout's."""
+    problem = bench.Problem([(5, 3), (7,), ()], np.dtype(np.float64))
+    start = [p.copy() for p in problem.params]
+    step = bench.CANDIDATES[name].setup(problem)
+    assert callable(step.prepare)
+    for _ in range(3):
+        step.prepare()
+        step()
+    hp = AdamHyperParams(lr=bench.LR, beta1=bench.BETA1, beta2=bench.BETA2, eps=bench.EPS)
+    for p0, p in zip(start, problem.params, strict=True):
+        assert np.array_equal(p, p0)  # the layout's own parameters are not touched
+    params = step.params
+    for p0, g, p in zip(start, problem.grads, params, strict=True):
+        state = init_state(p0)
+        for _ in range(3):
+            p0, state = adam_step(p0, g, state, hp)
+        assert rel_diff(p.detach().numpy(), p0) <= 1e-9, name
+
+
 def test_tiny_run_prints_a_table_and_writes_consistent_json(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     bench.configure_parser(parser)

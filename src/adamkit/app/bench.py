@@ -16,6 +16,11 @@ and the two models of the training app, ``mlp784`` (784-128-10) and ``digits`` (
 with ``torch.nn``; for those, the ``fwd+bwd`` row times the rest of a training iteration (forward
 and backward pass of a batch of 256) to put the step time in proportion.
 
+``adamkit.torch+bwd`` and ``torch.fused+bwd`` get their gradients from a backward pass before
+each step (untimed, on parameters of their own): the default guard's gradient check then runs in
+that backward (``GuardConfig.check_in_backward``), as it does in training, where the other
+``adamkit.torch`` rows, whose gradients are set without autograd, check in ``step()``.
+
 State formats: ``adamkit.torch[bf16]``, ``adamkit.torch[int8]`` (``guard=False``; ``+guard`` with
 the default guard), ``adamkit.numpy[...]`` and ``adamkit.kernels[...]`` (the fused kernels without
 a front end), against the 8-bit optimizers of ``bitsandbytes`` (``bnb.Adam8bit``) and ``torchao``
@@ -255,6 +260,49 @@ def _setup_kernel_on_torch(problem: Problem) -> StepFn:
     return step
 
 
+def _after_backward(make: Callable[[list[Any]], Any]) -> Callable[[Problem], StepFn]:
+    """The step of ``make(params)`` on parameters of its own (copies of the layout's), whose
+    gradients, equal to the layout's, come from a backward pass of ``sum(p * g)`` before every
+    step.  The backward runs untimed (the step's ``prepare``), but what it leaves behind counts:
+    the caches it filled, torch's thread pool, and work it did for the step (the default guard's
+    gradient check, ``GuardConfig.check_in_backward``)."""
+
+    def setup(problem: Problem) -> StepFn:
+        torch = _need("torch", "pip install adamkit[torch]")
+        params = [torch.from_numpy(p.copy()).requires_grad_(True) for p in problem.params]
+        weights = [torch.from_numpy(g) for g in problem.grads]
+        opt = make(params)
+
+        def prepare() -> None:
+            opt.zero_grad(set_to_none=True)
+            terms = [(p * w).sum() for p, w in zip(params, weights, strict=True)]
+            torch.stack(terms).sum().backward()
+
+        prepare()
+        nbytes = getattr(opt, "state_nbytes", None)  # adamkit's own count, else torch's tensors
+        step = _with_state_bytes(opt.step, nbytes if callable(nbytes) else _torch_state_nbytes(opt))
+        step.prepare = prepare  # type: ignore[attr-defined]
+        step.params = params  # type: ignore[attr-defined]
+        return step
+
+    return setup
+
+
+def _adamkit_torch_after_backward(problem: Problem) -> StepFn:
+    try:
+        from adamkit.torch import Adam
+    except ImportError as exc:
+        raise Skip(f"adamkit.torch is not available: {exc}") from None
+    return _after_backward(lambda ps: Adam(ps, lr=LR, betas=(BETA1, BETA2), eps=EPS))(problem)
+
+
+def _torch_fused_after_backward(problem: Problem) -> StepFn:
+    torch = _need("torch", "pip install adamkit[torch]")
+    return _after_backward(
+        lambda ps: torch.optim.Adam(ps, lr=LR, betas=(BETA1, BETA2), eps=EPS, fused=True)
+    )(problem)
+
+
 def _torch_optim(**flags: bool) -> Callable[[Problem], StepFn]:
     def setup(problem: Problem) -> StepFn:
         torch = _need("torch", "pip install adamkit[torch]")
@@ -486,6 +534,17 @@ CANDIDATES: dict[str, Candidate] = {
             "adam_update_(impl='numba') on tensor.numpy() views made each step",
             _setup_kernel_on_torch,
         ),
+        Candidate(
+            "adamkit.torch+bwd",
+            "adamkit.torch.Adam (default guard), gradients from an untimed backward before each "
+            "step: the guard's check runs in backward",
+            _adamkit_torch_after_backward,
+        ),
+        Candidate(
+            "torch.fused+bwd",
+            "torch.optim.Adam(fused=True), gradients from an untimed backward before each step",
+            _torch_fused_after_backward,
+        ),
         Candidate("torch.single", "torch.optim.Adam(foreach=False)", _torch_optim(foreach=False)),
         Candidate("torch.foreach", "torch.optim.Adam(foreach=True)", _torch_optim(foreach=True)),
         Candidate(BASELINE, "torch.optim.Adam(fused=True)", _torch_optim(fused=True)),
@@ -556,6 +615,8 @@ QUICK_CANDIDATES = (
     "adamkit.numpy",
     "adamkit.torch",
     "adamkit.torch-noguard",
+    "adamkit.torch+bwd",
+    "torch.fused+bwd",
     "torch.foreach",
     BASELINE,
     "numpy.textbook",
@@ -592,6 +653,7 @@ def _measure(
         try:
             steps[name] = CANDIDATES[name].setup(problem)
             for _ in range(warmup):
+                _prepare(steps[name])
                 steps[name]()
         except Skip as exc:
             skipped[name] = str(exc)
@@ -603,6 +665,7 @@ def _measure(
         shift = rep % len(order) if order else 0
         for name in order[shift:] + order[:shift]:
             fn = steps[name]
+            _prepare(fn)
             start = clock()
             fn()
             times[name].append(clock() - start)
@@ -611,6 +674,13 @@ def _measure(
         Timing(layout, name, n_params, n_tensors, times[name], _state_nbytes(steps[name]))
         for name in order
     ]
+
+
+def _prepare(step: StepFn) -> None:
+    # The untimed part of a candidate's round (e.g. the backward pass producing its gradients).
+    prepare = getattr(step, "prepare", None)
+    if prepare is not None:
+        prepare()
 
 
 def _state_nbytes(step: StepFn) -> int | None:
