@@ -218,9 +218,10 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_bench(argv: Sequence[str]) -> int:
     # `adamkit bench` times optimizer steps; `adamkit bench stability` runs the guard's benchmark,
-    # `adamkit bench accuracy` the state formats' accuracy benchmark.
+    # `adamkit bench accuracy` the state formats' accuracy benchmark, `adamkit bench memory`
+    # their memory.
     argv = list(argv)
-    sub = argv[0] if argv and argv[0] in ("stability", "accuracy") else None
+    sub = argv[0] if argv and argv[0] in ("stability", "accuracy", "memory") else None
     module = f"adamkit.app.bench_{sub}" if sub else "adamkit.app.bench"
     prog = f"adamkit bench {sub}" if sub else "adamkit bench"
     try:
@@ -238,7 +239,8 @@ def _run_bench(argv: Sequence[str]) -> int:
         epilog=None
         if sub
         else "'adamkit bench stability --help': the guard's benchmark; "
-        "'adamkit bench accuracy --help': the state formats' accuracy benchmark",
+        "'adamkit bench accuracy --help': the state formats' accuracy benchmark; "
+        "'adamkit bench memory --help': optimizer-state memory per parameter",
     )
     bench.configure_parser(parser)
     args = parser.parse_args(argv)
