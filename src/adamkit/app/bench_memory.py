@@ -8,7 +8,7 @@ optimizer, runs ``--steps`` steps and reports:
   (``state_nbytes()`` for adamkit, the tensors in ``optimizer.state`` for torch);
 - ``rss_bytes_per_param``: (peak resident set of the process - resident set before the
   optimizer existed) / parameters, i.e. what the optimizer really cost the machine, state and
-  any temporaries of its steps included (``ru_maxrss``; Linux reports it in KiB).  A small
+  any temporaries of its steps included (``VmHWM`` of ``/proc/self/status``; Linux only).  A small
   optimizer of the same kind steps first, so that loading libraries and compiled kernels is
   not counted;
 - ``peak_rss_mb``: the process's peak resident set.
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 from typing import Any
@@ -42,8 +41,13 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    # VmHWM: the peak resident set of this process image.  Not ru_maxrss, which Linux carries
+    # over fork and exec, so a child of a large process would report its parent's size.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
 
 
 def _child(state: str, layout: str, steps: int) -> dict[str, Any]:
