@@ -70,11 +70,13 @@ def _child(state: str, layout: str, steps: int) -> dict[str, Any]:
             return torch.optim.Adam(tensors, lr=1e-3, fused=True)
         return Adam(tensors, lr=1e-3, state=state)
 
-    # Load the libraries and compiled kernels first (with a 64K-element parameter, quantized
-    # under int8): what they take is not the optimizer's memory.
-    warm = torch.zeros(1 << 16, requires_grad=True)
-    warm.grad = torch.ones(1 << 16)
-    make([warm]).step()
+    # Load the libraries and compile (or load) every kernel the real run will use first, on
+    # small tensors of each kind (quantized with a partial last block, 2-d, below int8's size
+    # threshold): compiling takes tens of MB for a moment, and none of it is optimizer state.
+    warm = [torch.zeros(s, requires_grad=True) for s in ((1 << 16) + 77, (64, 1100), (300,))]
+    for w in warm:
+        w.grad = torch.ones_like(w)
+    make(warm).step()
     before, peak_before = _rss_bytes(), _peak_rss_bytes()
     opt = make(params)
     for _ in range(steps):
