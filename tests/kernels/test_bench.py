@@ -125,6 +125,8 @@ _STATE_CANDIDATES = {
     "adamkit.torch[bf16]": (4.0, 8),
     "adamkit.torch[int8]": (_INT8_BYTES, 8),
     "adamkit.torch[int8]+guard": (_INT8_BYTES, None),
+    "adamkit.torch[bf16]+bwd": (4.0, None),
+    "adamkit.torch[int8]+bwd": (_INT8_BYTES, None),
 }
 
 
@@ -138,10 +140,14 @@ def test_state_format_candidates_run_adam_and_report_their_state_bytes(name):
     problem = bench.Problem(_SHAPES, np.dtype(np.float32))
     start = [p.copy() for p in problem.params]
     step = bench.CANDIDATES[name].setup(problem)
+    own = getattr(step, "params", None)  # the "+bwd" candidates' parameters of their own
     for _ in range(3):
+        if own is not None:
+            step.prepare()
         step()
+    finals = problem.params if own is None else [t.detach().numpy() for t in own]
     hp = AdamHyperParams(lr=bench.LR, beta1=bench.BETA1, beta2=bench.BETA2, eps=bench.EPS)
-    for p0, g, p in zip(start, problem.grads, problem.params, strict=True):
+    for p0, g, p in zip(start, problem.grads, finals, strict=True):
         fmt = param_format(state, p0.shape)
         ref = p0.copy()
         m, v = fmt.zeros(p0.shape, role="exp_avg"), fmt.zeros(p0.shape, role="exp_avg_sq")

@@ -288,12 +288,17 @@ def _after_backward(make: Callable[[list[Any]], Any]) -> Callable[[Problem], Ste
     return setup
 
 
-def _adamkit_torch_after_backward(problem: Problem) -> StepFn:
-    try:
-        from adamkit.torch import Adam
-    except ImportError as exc:
-        raise Skip(f"adamkit.torch is not available: {exc}") from None
-    return _after_backward(lambda ps: Adam(ps, lr=LR, betas=(BETA1, BETA2), eps=EPS))(problem)
+def _adamkit_torch_after_backward(state: str | None = None) -> Callable[[Problem], StepFn]:
+    def setup(problem: Problem) -> StepFn:
+        try:
+            from adamkit.torch import Adam
+        except ImportError as exc:
+            raise Skip(f"adamkit.torch is not available: {exc}") from None
+        return _after_backward(
+            lambda ps: Adam(ps, lr=LR, betas=(BETA1, BETA2), eps=EPS, state=state)
+        )(problem)
+
+    return setup
 
 
 def _torch_fused_after_backward(problem: Problem) -> StepFn:
@@ -538,7 +543,7 @@ CANDIDATES: dict[str, Candidate] = {
             "adamkit.torch+bwd",
             "adamkit.torch.Adam (default guard), gradients from an untimed backward before each "
             "step: the guard's check runs in backward",
-            _adamkit_torch_after_backward,
+            _adamkit_torch_after_backward(),
         ),
         Candidate(
             "torch.fused+bwd",
@@ -559,7 +564,7 @@ CANDIDATES: dict[str, Candidate] = {
         ),
         Candidate(
             "adamkit.torch[int8]",
-            "adamkit.torch.Adam(state='int8', guard=False): companded 8-bit moments, blocks of 32",
+            "adamkit.torch.Adam(state='int8', guard=False): block-wise 8-bit moments (256)",
             _adamkit_torch_state("int8", guard=False),
         ),
         Candidate(
@@ -571,6 +576,16 @@ CANDIDATES: dict[str, Candidate] = {
             "adamkit.torch[int8]+guard",
             "adamkit.torch.Adam(state='int8'), default guard",
             _adamkit_torch_state("int8"),
+        ),
+        Candidate(
+            "adamkit.torch[bf16]+bwd",
+            "adamkit.torch.Adam(state='bf16'), default guard, gradients from an untimed backward",
+            _adamkit_torch_after_backward("bf16"),
+        ),
+        Candidate(
+            "adamkit.torch[int8]+bwd",
+            "adamkit.torch.Adam(state='int8'), default guard, gradients from an untimed backward",
+            _adamkit_torch_after_backward("int8"),
         ),
         Candidate(
             "adamkit.torch[int8-companded]",
