@@ -1,6 +1,8 @@
 """How fast the compressed-state kernels are: one tensor, every state format, interleaved.
 
 ``python benchmarks/format_variants.py [--size 10000000] [--repeats 11] [--threads N]``
+``python benchmarks/format_variants.py --baseline OLD.py`` (``git show REV:src/adamkit/kernels/``
+``numba_formats.py > OLD.py``): the bf16 kernels of that revision timed in the same run too
 ``python benchmarks/format_variants.py --quality [--seeds 10]``
 
 Times one float32 Adam step (median ms, interleaved round-robin) on a single tensor with the
@@ -25,6 +27,8 @@ The numbers in the docstring of :mod:`adamkit.kernels.numba_formats` come from t
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 import time
 
 import numba
@@ -39,8 +43,9 @@ from adamkit.kernels.streaming import stream_update_
 FORMATS = {
     "bf16 (stochastic)": get_format("bf16"),
     "bf16 (nearest)": Bf16Format("bf16", "nearest"),
-    "int8 (companded, 32)": get_format("int8"),
-    "int8-blockwise (256)": get_format("int8-blockwise"),
+    "int8 (dynamic map, 256)": get_format("int8"),
+    "int8-companded (32)": get_format("int8-companded"),
+    "int8-companded-64": get_format("int8-companded-64"),
 }
 
 
@@ -57,7 +62,7 @@ def quality(seeds: int) -> None:
     from adamkit.kernels.stored import adam_update_stored_
     from adamkit.torch import AdamW
 
-    names = ("bf16", "int8", "int8-blockwise")
+    names = ("bf16", "int8", "int8-companded", "int8-companded-64")
 
     def model(seed: int) -> torch.nn.Module:
         torch.manual_seed(seed)
@@ -126,6 +131,30 @@ def quality(seeds: int) -> None:
         print(f"{name:<16} " + " ".join(f"{c:>16}" for c in cells))
 
 
+def _add_baseline(path: str, steps: dict, moved: dict, p: np.ndarray, g: np.ndarray, hp) -> None:
+    """The bf16 rows of ``FORMATS`` again, through the fused kernels of the module at ``path``
+    (its ``adam_update_stored_``; same tensors, so the rows compare within one run)."""
+    spec = importlib.util.spec_from_file_location("numba_formats_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # numba's disk cache re-imports a module by its name
+    spec.loader.exec_module(module)
+    n = p.size
+    for name, fmt in FORMATS.items():
+        if not isinstance(fmt, Bf16Format):
+            continue
+        sm, sv = fmt.zeros((n,), role="exp_avg"), fmt.zeros((n,), role="exp_avg_sq")
+        draw, counter = np.random.default_rng(2), [0]
+
+        def stored(fmt=fmt, sm=sm, sv=sv, draw=draw, counter=counter) -> None:
+            counter[0] += 1
+            module.adam_update_stored_(
+                fmt, [p], [g], [sm], [sv], [None], [counter[0]], hp, rng=draw
+            )
+
+        steps[f"{name} base"] = stored
+        moved[f"{name} base"] = _bytes_per_param(fmt)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=10_000_000)
@@ -133,6 +162,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="torch and numba threads (default: theirs)")
     parser.add_argument("--quality", action="store_true", help="training distance from fp32")
     parser.add_argument("--seeds", type=int, default=10, help="seeds for --quality")
+    parser.add_argument(
+        "--baseline", metavar="PATH", help="numba_formats.py of another revision: its bf16 rows too"
+    )
     args = parser.parse_args()
     if args.quality:
         quality(args.seeds)
@@ -171,6 +203,8 @@ def main() -> int:
 
         steps[name] = stored
         moved[name] = _bytes_per_param(fmt)
+    if args.baseline:
+        _add_baseline(args.baseline, steps, moved, p, g, hp)
     tp = torch.from_numpy(p).requires_grad_(True)
     tp.grad = torch.from_numpy(g)
     steps["torch.fused"] = torch.optim.Adam([tp], lr=hp.lr, fused=True).step

@@ -10,6 +10,11 @@ Times, interleaved round-robin (median ms per step), one float32 Adam step on a 
   two divisions); checked bit-identical to ``adamkit.core.reference.adam_step`` before timing;
 - ``numpy.inplace``: the best NumPy ufunc chain (``out=``, one scratch array);
 - ``torch.fused`` / ``torch.foreach``: ``torch.optim.Adam`` on the same memory.
+
+``--int8`` times instead the companded 8-bit kernel of :mod:`adamkit.kernels.numba_formats`
+compiled for blocks of 32 and 64 with LLVM's default vector width (256 bits on AVX-512 CPUs)
+and with ``vector_bits=512``, all in one process and interleaved, beside ``torch.fused`` and the
+shipped ``"int8"`` (dynamic map) and ``"int8-companded-64"`` paths.
 """
 
 from __future__ import annotations
@@ -53,11 +58,85 @@ def _check_exact(hp: AdamHyperParams) -> None:
         np.testing.assert_array_equal(a, b)
 
 
+def _companded_driver(block: int, bits: int | None):
+    """A parallel driver (as ``numba_formats._q_parallel``, whole blocks only) around the
+    companded kernel compiled for ``block`` and ``bits``."""
+    from adamkit.kernels import numba_formats as nf
+
+    blocks = nf._companded_kernel(block, bits)
+    per_chunk = max(1, nf.CHUNK_ELEMENTS // block)
+
+    @numba.njit(parallel=True, error_model="numpy")
+    def run(p, g, mc, ms, vc, vs, cp, c32):
+        k = nf._unpack(cp, c32)
+        full = p.size // block
+        chunks = (full + per_chunk - 1) // per_chunk
+        bad = np.zeros(chunks, np.int64)
+        for c in prange(chunks):
+            first = c * per_chunk
+            last = min(first + per_chunk, full)
+            lo, hi = first * block, last * block
+            bad[c] = blocks(
+                p[lo:hi],
+                g[lo:hi],
+                mc[lo:hi],
+                ms[first:last],
+                vc[lo:hi],
+                vs[first:last],
+                vc[:0],
+                vs[:0],
+                False,
+                k,
+            )
+        return bad.sum()
+
+    return run
+
+
+def _int8_steps(p: np.ndarray, g: np.ndarray, hp: AdamHyperParams) -> dict:
+    from adamkit.formats import get_format
+    from adamkit.kernels.numba_formats import _coefficients
+    from adamkit.kernels.stored import adam_update_stored_
+
+    n = p.size
+    steps = {}
+    for block in (32, 64):
+        for bits in (None, 512):
+            run = _companded_driver(block, bits)
+            whole = n // block * block
+            arrays = (
+                np.zeros(whole, np.int8),
+                np.zeros(whole // block, np.float32),
+                np.zeros(whole, np.uint8),
+                np.zeros(whole // block, np.float32),
+            )
+            counter = [0]
+
+            def step(run=run, arrays=arrays, counter=counter, whole=whole) -> None:
+                counter[0] += 1
+                cp, c32 = _coefficients(hp, counter[0], p.dtype)
+                run(p[:whole], g[:whole], *arrays, cp, c32)
+
+            steps[f"companded {block}, {bits or 'default'} bits"] = step
+    for name in ("int8", "int8-companded-64"):
+        fmt = get_format(name)
+        sm, sv = fmt.zeros((n,), role="exp_avg"), fmt.zeros((n,), role="exp_avg_sq")
+        counter = [0]
+
+        def shipped(fmt=fmt, sm=sm, sv=sv, counter=counter) -> None:
+            counter[0] += 1
+            adam_update_stored_(fmt, [p], [g], [sm], [sv], [None], [counter[0]], hp, impl="numba")
+
+        steps[f"shipped {name}"] = shipped
+    return steps
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=10_000_000)
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, help="torch and numba threads (default: theirs)")
+    parser.add_argument("--int8", action="store_true", help="8-bit kernel variants instead")
     args = parser.parse_args()
     import torch
 
@@ -77,6 +156,9 @@ def main() -> int:
     steps = {}
     m1, v1, _ = state()
     steps["floor"] = lambda: stream_update_([p], [g], [m1], [v1])
+    if args.int8:
+        steps.update(_int8_steps(p, g, hp))
+        return _run(steps, p, g, hp, args)
     m2, v2, _ = state()
     count = [0]
 
@@ -105,9 +187,18 @@ def main() -> int:
         np.add(p, s4, out=p)
 
     steps["numpy.inplace"] = inplace
+    return _run(steps, p, g, hp, args, foreach=True)
+
+
+def _run(steps: dict, p: np.ndarray, g: np.ndarray, hp, args, foreach: bool = False) -> int:
+    """Add the torch steps, time everything interleaved and print the table."""
+    import torch
+
+    n = p.size
     tp = torch.from_numpy(p).requires_grad_(True)
     tp.grad = torch.from_numpy(g)
-    for name, flags in (("torch.fused", {"fused": True}), ("torch.foreach", {"foreach": True})):
+    torch_flags = [("torch.fused", {"fused": True}), ("torch.foreach", {"foreach": True})]
+    for name, flags in torch_flags[: 2 if foreach else 1]:
         steps[name] = torch.optim.Adam([tp], lr=hp.lr, **flags).step
     for fn in steps.values():
         fn()
@@ -121,14 +212,19 @@ def main() -> int:
             steps[name]()
             times[name].append(time.perf_counter() - start)
     floor = float(np.median(times["floor"]))
+    fused = float(np.median(times["torch.fused"]))
     print(
         f"float32, one tensor of {n:,}; numba threads {numba.get_num_threads()}, "
         f"torch threads {torch.get_num_threads()}; median of {args.repeats}"
     )
-    print(f"{'variant':<15} {'ms/step':>9} {'Mparam/s':>9} {'% floor':>8}")
+    width = max(map(len, times))
+    print(f"{'variant':<{width}} {'ms/step':>9} {'ns/elem':>8} {'% floor':>8} {'x fused':>8}")
     for name, ts in times.items():
         med = float(np.median(ts))
-        print(f"{name:<15} {med * 1e3:>9.3f} {n / med / 1e6:>9.0f} {100 * floor / med:>8.1f}")
+        print(
+            f"{name:<{width}} {med * 1e3:>9.3f} {med / n * 1e9:>8.3f} {100 * floor / med:>8.1f} "
+            f"{fused / med:>8.2f}"
+        )
     return 0
 
 

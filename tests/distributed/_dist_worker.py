@@ -32,6 +32,7 @@ from _dist_cases import (
     rank_slice,
     save_checkpoint,
     state_snapshot,
+    state_switches,
     train,
 )
 from _dist_guard import GUARD_SCENARIOS
@@ -55,10 +56,10 @@ def _rank_batches(seed: int, steps: int, start: int = 0) -> list[Any]:
     return [rank_slice(batch, rank, world) for batch in make_batches(seed, steps, start)]
 
 
-def _fsdp2_model(seed: int, hidden: int) -> nn.Module:
+def _fsdp2_model(seed: int, hidden: int, dtype: torch.dtype = torch.float32) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    model = make_model(seed, hidden)
+    model = make_model(seed, hidden, dtype)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
@@ -68,8 +69,11 @@ def _fsdp2_model(seed: int, hidden: int) -> nn.Module:
 
 def _layout_problems(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     # FSDP2: each moment must be a DTensor laid out like its parameter, so that the rank holds
-    # only its shard's state; int8 block scales are plain tensors, one per block of the shard.
+    # only its shard's state; int8 block scales are plain tensors, one per whole-tensor block
+    # that overlaps the shard (the span layout of adamkit.torch.sharded_blocks).
     from torch.distributed.tensor import DTensor
+
+    from adamkit.torch.formats import shard_split
 
     problems = []
     for name, p in model.named_parameters():
@@ -77,8 +81,8 @@ def _layout_problems(model: nn.Module, optimizer: torch.optim.Optimizer) -> list
             if key in ("step", FORMAT_KEY):
                 continue
             if key.endswith("_scale"):
-                block = get_format(optimizer.param_groups[0]["state"]).block
-                blocks = -(-p.to_local().numel() // block)
+                split = shard_split(p, get_format(optimizer.param_groups[0]["state"]))
+                blocks = split.j1 - split.j0
                 if isinstance(value, DTensor) or value.shape != (blocks,):
                     problems.append(f"{name}.{key}: {type(value).__name__} {tuple(value.shape)}")
                 continue
@@ -179,7 +183,7 @@ def run_zero(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
 
 def run_fsdp2(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
     seed, steps = args["seed"], args["steps"]
-    model = _fsdp2_model(seed, case.hidden)
+    model = _fsdp2_model(seed, case.hidden, case.dtype)
     optimizer = case.make(model.named_parameters())
     train(model, optimizer, _rank_batches(seed, steps))
     out = {
@@ -188,10 +192,12 @@ def run_fsdp2(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
         "layout_problems": _layout_problems(model, optimizer),
         "state_nbytes": state_nbytes(optimizer),
         "param_nbytes": sum(p.to_local().nbytes for p in model.parameters()),
+        # This process's own seed: an unseeded optimizer takes rank 0's instead.
+        "torch_seed": torch.initial_seed(),
     }
     # state_dict() -> load_state_dict() into a fresh FSDP2 optimizer: which live local tensors
     # (codes, this rank's block scales, ...) came back bit for bit.
-    fresh_model = _fsdp2_model(seed + 1, case.hidden)
+    fresh_model = _fsdp2_model(seed + 1, case.hidden, case.dtype)
     fresh = case.make(fresh_model.named_parameters())
     fresh.load_state_dict(optimizer.state_dict())
     changed = []
@@ -205,6 +211,22 @@ def run_fsdp2(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
             if not same:
                 changed.append(f"{name}.{key}")
     out["reload_changed"] = changed
+    return out
+
+
+def run_fsdp2_convert(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
+    """``steps`` steps, then one step after each switch of every group's ``state``
+    (:func:`state_switches`): the gathered parameters and state after each, by format name."""
+    seed, steps = args["seed"], args["steps"]
+    model = _fsdp2_model(seed, case.hidden)
+    optimizer = case.make(model.named_parameters())
+    train(model, optimizer, _rank_batches(seed, steps))
+    out = {}
+    for index, state in enumerate(state_switches(case)):
+        for group in optimizer.param_groups:
+            group["state"] = state
+        train(model, optimizer, _rank_batches(seed, 1, start=steps + index))
+        out[state] = {"params": param_snapshot(model), "state": state_snapshot(model, optimizer)}
     return out
 
 
@@ -328,6 +350,7 @@ CASE_SCENARIOS: dict[str, Callable[[DistCase, dict[str, Any]], dict[str, Any]]] 
     "zero": run_zero,
     "fsdp2": run_fsdp2,
     "fsdp2_snapshot": run_fsdp2_snapshot,
+    "fsdp2_convert": run_fsdp2_convert,
     "dcp_save": run_dcp_save,
     "dcp_resume": run_dcp_resume,
 }

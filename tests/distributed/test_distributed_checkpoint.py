@@ -12,10 +12,11 @@ one.  The first direction saves the nested optimizer state dict, the second the 
 ``state_format`` as a number).  Every checkpoint carries the guard and the rounding generator
 beside the optimizer (``guard_checkpoint_state``), so bf16 runs resume their random stream.
 
-Cases whose sharded run is not the single-process run bit for bit (``DistCase.tol``: bf16 and
-unaligned int8 under FSDP2) are compared decoded, within their tolerance; the state loaded by
-one process from a 2-rank checkpoint is still exactly what the ranks saved (the checkpoint holds
-the single-process layout).
+Cases whose sharded run is not the single-process run bit for bit (``DistCase.tol``; none
+now: unaligned int8 shards keep the whole-tensor blocks' scales, and bf16 shards round with the
+single process's bits, so both are held to float32 tolerance like fp32) are compared decoded,
+within their tolerance; the state loaded by one process from a 2-rank checkpoint is exactly
+what the ranks saved (the checkpoint holds the single-process layout).
 """
 
 from __future__ import annotations
@@ -172,7 +173,6 @@ def test_dcp_one_rank_to_two(one_to_two, engine, case_id):
     assert_close_dicts(
         results[0]["loaded_params"], param_snapshot(saved_model), TOL, f"{what}: loaded"
     )
-    # Unaligned int8 shards re-quantize their straddling blocks on loading and on saving.
     _state_close(
         results[0]["loaded_state"],
         state_snapshot(saved_model, saved_optimizer),

@@ -2,17 +2,24 @@
 
 :func:`any_rank` is the collective the stability guard uses so that all ranks skip a step
 together; :func:`state_nbytes` is how the other tests measure state per rank.
+
+``adamkit.torch.formats.round_to_bf16_`` with a ``ShardRng`` (what an FSDP2 shard of a bfloat16
+parameter rounds with under ``param_rounding="stochastic"``): the shards of a tensor get the
+whole tensor's bits, and every rank's generator advances alike.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from _dist_launch import run_ranks
 from torch import nn
 
 import adamkit.torch as at
+from adamkit.kernels.stored import ShardRng
 from adamkit.torch.distributed import any_rank, state_nbytes
+from adamkit.torch.formats import round_to_bf16_
 
 WORLD_SIZE = 2
 
@@ -68,3 +75,24 @@ def test_state_nbytes_counts_each_state_tensor_once():
     assert state_nbytes(optimizer) == 3 * 8 * numbers + steps
     with pytest.raises(TypeError, match="optimizer"):
         state_nbytes(model)
+
+
+def test_round_to_bf16_shards_get_the_bits_of_the_whole():
+    # A (7, 33) tensor split by rows 3 + 4, as FSDP2 splits it on 2 ranks: each "rank" holds a
+    # copy of the optimizer's generator and rounds its rows from their flat offset.
+    values = torch.randn(7, 33, generator=torch.Generator().manual_seed(11)) * 1e-3 + 1
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    whole = torch.zeros(7, 33, dtype=torch.bfloat16)
+    one = np.random.default_rng(seed)
+    round_to_bf16_(whole, values.numpy(), one)
+    states = []
+    for rows in (slice(0, 3), slice(3, 7)):
+        shard = torch.zeros(rows.stop - rows.start, 33, dtype=torch.bfloat16)
+        parent = np.random.default_rng(seed)
+        round_to_bf16_(shard, values[rows].numpy(), ShardRng(parent, rows.start * 33))
+        assert torch.equal(shard.view(torch.int16), whole[rows].view(torch.int16)), rows
+        states.append(parent.bit_generator.state)
+    assert states[0] == states[1] == one.bit_generator.state
+    # Stochastic, not nearest: values between two bf16 neighbours go both ways.
+    nearest = values.to(torch.bfloat16)
+    assert 0 < int((whole != nearest).sum()) < whole.numel()

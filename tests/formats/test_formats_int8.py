@@ -254,7 +254,7 @@ def test_companded_levels_and_dtypes():
 @FAST
 @given(
     size=st.integers(0, 700),
-    block=st.sampled_from([1, 32, 100, 256]),
+    block=st.sampled_from([1, cp.DEFAULT_BLOCK, cp.BUDGET_BLOCK, 100, 256]),
     signed=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
     scale=st.sampled_from([1.0, 1e-30, 1e30]),

@@ -96,13 +96,13 @@ def test_store_load_accuracy(name, shape, role):
         assert np.all(np.abs(got - x) < 2.0**-7 * np.abs(x) + 1e-45)
     elif role == "exp_avg":
         blockwise = name in ("int8", "int8-blockwise")
-        block, gap = (256, bw.max_half_gap(True)) if blockwise else (32, 2 / 254)
-        assert np.all(np.abs(got - x) <= block_bound(x, block, gap))
+        gap = bw.max_half_gap(True) if blockwise else 2 / 254
+        assert np.all(np.abs(got - x) <= block_bound(x, fmt.block, gap))
     else:  # second moments are quantized as sqrt(v): the bound holds for sqrt
         # a value that would flush to 0 gets the first level: one full step (1/255) for companded
         blockwise = name in ("int8", "int8-blockwise")
-        block, gap = (256, bw.max_half_gap(False)) if blockwise else (32, 1 / 255)
-        assert np.all(np.abs(np.sqrt(got) - np.sqrt(x)) <= block_bound(np.sqrt(x), block, gap))
+        gap = bw.max_half_gap(False) if blockwise else 1 / 255
+        assert np.all(np.abs(np.sqrt(got) - np.sqrt(x)) <= block_bound(np.sqrt(x), fmt.block, gap))
         assert np.array_equal(got == 0, x == 0)  # never flushed to zero
 
 

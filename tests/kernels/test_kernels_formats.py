@@ -15,11 +15,17 @@ case of the shared table, several shapes:
 - block scales and dense float32 moments: within ``1e-6`` of the tensor's largest value (a few
   float32 ulps; per tensor for the same reason as the parameter).
 
-Stochastic bf16 rounding uses a counter-based hash, not the Generator's stream, so it is checked
-in distribution against the exact float32 moments of the same arithmetic (the fused fp32 kernel):
-each value lands on one of its two bf16 neighbours, rounding up with frequency (x - lo) / (hi -
-lo) within 5 standard deviations in each eighth of [0, 1], m and v uncorrelated; it is
-reproducible from the generator and independent of the thread count, as are all kernels.
+Stochastic bf16 rounding uses a Weyl sequence indexed by global element position with keys
+drawn from the Generator, not the Generator's stream, so it is checked against its NumPy twin
+(``adamkit.formats.bf16.encode_stochastic_at``) bit for bit where the kernel's moments are exact
+(``beta1 = beta2 = 0``), and in distribution against the exact float32 moments of the same
+arithmetic (the fused fp32 kernel): each value lands on one of its two bf16 neighbours, rounding
+up with frequency (x - lo) / (hi - lo) within 5 standard deviations in each eighth of [0, 1],
+m and v uncorrelated; the mean over 2048 keys is each value within 6 standard deviations
+(unbiased; exactly so over the lattice of keys, checked on the twin); 1024 equal values in one
+call round up within 4 of the expected count (the sequence's low discrepancy); two shards with
+a ``ShardRng`` get the whole tensor's bits.  It is reproducible from the generator and
+independent of the thread count, as are all kernels.
 Against full-precision state, 300 steps on a quadratic stay within the relative parameter
 differences in ``TRAJECTORY_TOL`` and reach the same loss within 2%; the fused and plain runs stay
 within ``FUSED_VS_PLAIN`` of each other.
@@ -38,6 +44,7 @@ from adamkit.formats import (
     Bf16Format,
     QuantizedFormat,
     Storage,
+    bf16,
     get_format,
     int8_blockwise,
     int8_companded,
@@ -48,20 +55,37 @@ numba = pytest.importorskip("numba", reason="the fused kernels need numba (adamk
 
 from adamkit.kernels import numba_formats as nf  # noqa: E402
 from adamkit.kernels.numba_cpu import PARALLEL_MIN_SIZE  # noqa: E402
+from adamkit.kernels.stored import ShardRng  # noqa: E402
+from adamkit.kernels.stored import adam_update_stored_ as stored_update_  # noqa: E402
 
 CASES = cases_for("numba")
 DTYPES = [np.float32, np.float64]
 NEAREST = {
     "int8": get_format("int8"),
     "int8-blockwise": get_format("int8-blockwise"),
+    "int8-companded": get_format("int8-companded"),
+    "int8-companded-64": get_format("int8-companded-64"),
     "bf16-nearest": Bf16Format("bf16", "nearest"),
     "fp32": get_format("fp32"),
 }
 # int8: a partial last block for both codecs; a 2-d parameter of whole blocks; a small (dense) one
 SHAPES = {"partial-block": (5000,), "matrix": (32, 200), "small": (7, 5)}
 ROLES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-TRAJECTORY_TOL = {"int8": 0.15, "int8-blockwise": 0.15, "bf16-nearest": 0.02, "bf16": 0.005}
-FUSED_VS_PLAIN = {"int8": 0.02, "int8-blockwise": 0.02, "bf16-nearest": 0.005}
+TRAJECTORY_TOL = {
+    "int8": 0.15,
+    "int8-blockwise": 0.15,
+    "int8-companded": 0.15,
+    "int8-companded-64": 0.15,
+    "bf16-nearest": 0.02,
+    "bf16": 0.005,
+}
+FUSED_VS_PLAIN = {
+    "int8": 0.02,
+    "int8-blockwise": 0.02,
+    "int8-companded": 0.02,
+    "int8-companded-64": 0.02,
+    "bf16-nearest": 0.005,
+}
 LOSS_TOL = 0.02
 PARAM_ULPS, UPDATE_REL = 4, 1e-5
 CODE_OFF_FRACTION, SCALE_RTOL = 0.01, 1e-6
@@ -234,7 +258,9 @@ def _full_precision_run(start, curvature, target, hp, steps):
 TRAJECTORY_HP = AdamHyperParams(lr=1e-3, weight_decay=0.01, decoupled_weight_decay=True)
 
 
-@pytest.mark.parametrize("fmt_id", ["int8", "int8-blockwise", "bf16-nearest"])
+@pytest.mark.parametrize(
+    "fmt_id", ["int8", "int8-blockwise", "int8-companded", "int8-companded-64", "bf16-nearest"]
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
 def test_300_steps_track_the_plain_path_and_full_precision(fmt_id, dtype):
     """The fused and plain paths stay within FUSED_VS_PLAIN of each other over 300 steps, and
@@ -271,7 +297,7 @@ SIZES = {
 
 
 @pytest.mark.parametrize("shape", SIZES.values(), ids=SIZES.keys())
-@pytest.mark.parametrize("fmt_id", ["int8", "int8-blockwise", "bf16-nearest"])
+@pytest.mark.parametrize("fmt_id", ["int8", "int8-companded", "int8-companded-64", "bf16-nearest"])
 def test_sizes_and_shapes(fmt_id, shape):
     fmt, hp = NEAREST[fmt_id], AdamHyperParams(lr=1e-2, amsgrad=True)
     rng = seeded_rng("fused-sizes", fmt_id, shape)
@@ -421,7 +447,7 @@ def test_stochastic_bf16_rounds_to_a_neighbour_at_the_right_rate(amsgrad):
             assert sel.sum() > 1000, (role, b)
             assert abs(up[sel].sum() - mean) <= 5 * sd, f"{role}: {up[sel].sum()} ups, {mean:.0f}"
         ups.append(up - p_up)
-    # The moments take different bits of one hash: their rounding errors are uncorrelated.
+    # The moments round with independent keys: their rounding errors are uncorrelated.
     corr = np.corrcoef(ups[0], ups[1])[0, 1]
     assert abs(corr) <= 5 / np.sqrt(n)
 
@@ -463,10 +489,200 @@ def test_stochastic_bf16_tracks_full_precision_state():
     assert abs(loss(param) / loss(ref) - 1) <= LOSS_TOL
 
 
+_EXACT_MOMENTS_HP = {"lr": 1e-6, "beta1": 0.0, "beta2": 0.0}
+
+
+def _exact_moment_inputs(rng, n):
+    """A gradient whose new moments the kernel forms exactly under ``_EXACT_MOMENTS_HP``
+    (``m = g``; ``v = g * g``, one float32 rounding, as NumPy's float32 product), with values
+    whose dropped 16 bits are spread over [0, 2**16)."""
+    g = (rng.standard_normal(n) * np.exp(rng.uniform(-6, 3, n))).astype(np.float32)
+    return g, [g, g * g, g * g]
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("n", [1000, PARALLEL_MIN_SIZE + 3], ids=["serial", "parallel"])
+def test_stochastic_bf16_noise_is_the_indexed_weyl_sequence(amsgrad, n):
+    # Bit for bit against the NumPy twin: m rounds with the low 32 bits of the parameter's first
+    # key word, v with its high 32 bits, v_max with the second word (AMSGrad), element i of the
+    # parameter taking noise index offset + i, in serial and parallel chunks alike.
+    fmt = get_format("bf16")
+    rng = seeded_rng("fused-weyl-twin", amsgrad, n)
+    hp = AdamHyperParams(**_EXACT_MOMENTS_HP, amsgrad=amsgrad)
+    param = rng.standard_normal(n).astype(np.float32)
+    grad, exact = _exact_moment_inputs(rng, n)
+    stored = [fmt.zeros((n,), role=r) if r != ROLES[2] or amsgrad else None for r in ROLES]
+    offset = int(rng.integers(0, 2**40))
+    draw = seeded_rng("fused-weyl-twin-draw", amsgrad, n)
+    words = [int(w) for w in copy.deepcopy(draw).bit_generator.random_raw(2)]
+    nf.adam_update_stored_(
+        fmt, [param], [grad], *([st] for st in stored), [1], hp, rng=draw, offsets=[offset]
+    )
+    keys = [words[0], words[0] >> 32, words[1]]
+    for role, st, x, key in zip(ROLES, stored, exact, keys, strict=True):
+        if st is not None:
+            want = bf16.encode_stochastic_at(x, key, offset)
+            np.testing.assert_array_equal(st.arrays["bits"], want, err_msg=role)
+    # The generator advanced by exactly the words the keys took.
+    follow = seeded_rng("fused-weyl-twin-draw", amsgrad, n)
+    follow.bit_generator.random_raw(2 if amsgrad else 1)
+    assert draw.bit_generator.state == follow.bit_generator.state
+
+
+def test_weyl_noise_is_uniform_over_the_keys_exactly():
+    # For a fixed element, keys base + j * 2**16 (j < 2**16) give each of the 2**16 noise
+    # values exactly once: over a uniform 32-bit key the noise is exactly uniform, so the
+    # rounding's mean is exactly x (checked in integers: the mean of the rounded bits).
+    rng = seeded_rng("weyl-lattice")
+    n, offset, base = 48, int(rng.integers(0, 2**40)), int(rng.integers(0, 2**16))
+    noise = np.stack([bf16.weyl_noise(base + (j << 16), offset, n) for j in range(1 << 16)])
+    for column in noise.T:
+        np.testing.assert_array_equal(np.bincount(column, minlength=1 << 16), 1)
+    x = (rng.standard_normal(n) * 10).astype(np.float32)
+    bits = x.view(np.uint32).astype(np.int64)
+    ups = ((bits & 0xFFFF)[None, :] + noise) >> 16  # 1 where the magnitude rounds up
+    np.testing.assert_array_equal(ups.sum(0), bits & 0xFFFF)  # E[up] = dropped / 2**16 exactly
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_stochastic_bf16_rounding_is_unbiased(amsgrad):
+    # Over K fresh keys (one kernel call each) the mean of each rounded moment is its exact value
+    # within 6 standard deviations of a mean of K two-valued draws, ulp * sqrt(p (1 - p) / K),
+    # plus 4 draws' worth (ulp * 4 / K: where K p is small the count is Poisson, not normal); a
+    # false alarm among the 3 x 512 values has probability below 1e-5.  A biased rounding (noise
+    # not uniform, e.g. missing its top bit) is off by up to half an ulp, over 40 sd.
+    fmt, k, n = get_format("bf16"), 2048, 512
+    rng = seeded_rng("fused-unbiased", amsgrad)
+    hp = AdamHyperParams(**_EXACT_MOMENTS_HP, amsgrad=amsgrad)
+    param = rng.standard_normal(n).astype(np.float32)
+    grad, exact = _exact_moment_inputs(rng, n)
+    stored = [fmt.zeros((n,), role=r) if r != ROLES[2] or amsgrad else None for r in ROLES]
+    offset = int(rng.integers(0, 2**40))
+    sums = [np.zeros(n) for _ in ROLES]
+    draw = seeded_rng("fused-unbiased-draw", amsgrad)
+    for _ in range(k):
+        if amsgrad:
+            stored[2].arrays["bits"][:] = 0  # v_max = max(0, v) = v: rounds v afresh
+        nf.adam_update_stored_(
+            fmt, [param], [grad], *([st] for st in stored), [1], hp, rng=draw, offsets=[offset]
+        )
+        for total, st in zip(sums, stored, strict=True):
+            if st is not None:
+                total += fmt.load(st)
+    for role, st, total, x in zip(ROLES, stored, sums, exact, strict=True):
+        if st is None:
+            continue
+        low, dropped = _trunc_bits(x)
+        lo = bf16.decode(low).astype(np.float64)
+        hi = bf16.decode(low + 1).astype(np.float64)
+        p = dropped / 65536.0
+        ulp = np.abs(hi - lo)
+        tol = 6 * ulp * np.sqrt(p * (1 - p) / k) + 4 * ulp / k
+        err = np.abs(total / k - x.astype(np.float64))
+        assert np.all(err <= tol), f"{role}: worst {np.max(err / tol):.2f} x the bound"
+        assert np.all(err[dropped == 0] == 0), role  # representable values are kept exactly
+
+
+def test_stochastic_bf16_neighbours_are_not_rounded_alike():
+    # One call, 1024 equal values: the golden-ratio Weyl sequence spreads the noise of
+    # neighbouring elements evenly, so the count rounded up is within 4 of n * p (measured at
+    # most 2.7 over 10,000 keys, offsets and p; independent noise has standard deviation
+    # sqrt(n p (1 - p)), 16 at p = 1/2), and never all or none of them.
+    fmt, n = get_format("bf16"), 1024
+    rng = seeded_rng("fused-neighbours")
+    hp = AdamHyperParams(**_EXACT_MOMENTS_HP)
+    for dropped in (0x8000, 0x2000, int(rng.integers(1, 1 << 16))):
+        value = np.uint32(0x3F800000 | dropped).view(np.float32)  # 1 + dropped * 2**-23
+        grad = np.full(n, value, np.float32)
+        param = np.zeros(n, np.float32)
+        sm, sv = fmt.zeros((n,), role="exp_avg"), fmt.zeros((n,), role="exp_avg_sq")
+        offsets = [int(rng.integers(0, 2**40))]
+        nf.adam_update_stored_(
+            fmt, [param], [grad], [sm], [sv], [None], [1], hp, rng=rng, offsets=offsets
+        )
+        ups = int(np.count_nonzero(sm.arrays["bits"] != 0x3F80))
+        assert 0 < ups < n, (dropped, ups)
+        assert abs(ups - n * dropped / 65536) <= 4, (dropped, ups)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("impl", ["numba", "reference"])
+def test_shards_with_a_shard_rng(amsgrad, impl):
+    # Two "ranks" hold a generator in the same state and one half each of a parameter: with the
+    # fused kernel the halves get exactly the whole tensor's update (keys drawn alike, noise
+    # indexed by global position); with the plain path each shard rounds from a generator of
+    # its own (another draw, the same distribution).  Either way each rank's generator advances
+    # by the same words whatever its shard's size.
+    fmt = get_format("bf16")
+    rng = seeded_rng("fused-shards", amsgrad, impl)
+    n, cut = 3001, 1234
+    hp = AdamHyperParams(lr=1e-2, amsgrad=amsgrad)
+    param = rng.standard_normal(n).astype(np.float32)
+    stored = _state(fmt, (n,), np.float32, amsgrad, rng, store_rng=rng)
+    grad = _grad(rng, (n,), np.float32)
+    seed = int(rng.integers(0, 2**63))
+    whole_p, whole = param.copy(), [_clone(st) for st in stored]
+    one = np.random.default_rng(seed)
+    stored_update_(fmt, [whole_p], [grad], *([st] for st in whole), [1], hp, rng=one, impl=impl)
+    parts, ranks = [], []
+    for lo, hi in ((0, cut), (cut, n)):
+        shard = [None if st is None else _slice(fmt, st, lo, hi) for st in stored]
+        p = param[lo:hi].copy()
+        parent = np.random.default_rng(seed)
+        rounding = ShardRng(parent, lo)
+        stored_update_(
+            fmt, [p], [grad[lo:hi]], *([st] for st in shard), [1], hp, rng=rounding, impl=impl
+        )
+        parts.append((p, shard))
+        ranks.append(parent.bit_generator.state)
+    assert ranks[0] == ranks[1]
+    np.testing.assert_array_equal(np.concatenate([p for p, _ in parts]), whole_p)
+    roles = range(3 if amsgrad else 2)
+    bits = [np.concatenate([sh[i].arrays["bits"] for _, sh in parts]) for i in roles]
+    if impl == "numba":
+        assert ranks[0] == one.bit_generator.state
+        for i, b in enumerate(bits):
+            np.testing.assert_array_equal(b, whole[i].arrays["bits"], err_msg=ROLES[i])
+    else:
+        assert np.mean(bits[0] != whole[0].arrays["bits"]) > 0.01  # rounded anew
+    two = [[st, _clone(st)] for st in stored]
+    before = [_clone(st) for st in stored]
+    with pytest.raises(ValueError, match="one parameter"):
+        rounding = ShardRng(np.random.default_rng(0), 0)
+        stored_update_(fmt, [param] * 2, [grad] * 2, *two, [1, 1], hp, rng=rounding, impl=impl)
+    _assert_same((param, *stored), (param, *before), "unchanged")
+    with pytest.raises(ValueError, match="offset must be >= 0, got -1"):
+        ShardRng(np.random.default_rng(0), -1)
+    with pytest.raises(TypeError, match="parent must be a numpy"):
+        ShardRng(seed, 0)
+
+
+def test_bad_offsets_are_refused_before_anything_is_modified():
+    fmt, hp = get_format("bf16"), AdamHyperParams(lr=1e-2)
+    rng = seeded_rng("fused-bad-offsets")
+    param = rng.standard_normal(50).astype(np.float32)
+    stored = _state(fmt, (50,), np.float32, False, rng, store_rng=rng)
+    grad = _grad(rng, (50,), np.float32)
+    before = (param.copy(), *(_clone(st) for st in stored))
+    for offsets in ([], [0, 0], [-1], [1.5], [True]):
+        with pytest.raises(ValueError, match="offsets must hold one int >= 0 per parameter"):
+            nf.adam_update_stored_(
+                fmt, [param], [grad], *([st] for st in stored), [1], hp, rng=rng, offsets=offsets
+            )
+    _assert_same((param, *stored), before, "after refused offsets")
+
+
+def _slice(fmt, storage, lo, hi):
+    """A bf16 storage holding elements ``lo .. hi - 1`` of a flat one (a copy)."""
+    part = fmt.zeros((hi - lo,), role=storage.role)
+    part.arrays["bits"][:] = storage.arrays["bits"][lo:hi]
+    return part
+
+
 # -- non-finite values ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt_id", ["int8", "int8-blockwise"])
+@pytest.mark.parametrize("fmt_id", ["int8", "int8-companded", "int8-companded-64"])
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_int8_block_with_non_finite_moments_is_left_unchanged(fmt_id, amsgrad):
     fmt, hp = NEAREST[fmt_id], AdamHyperParams(lr=1e-2, amsgrad=amsgrad)
@@ -564,11 +780,11 @@ def test_fallback_gets_the_parameters_that_do_not_qualify():
 
 
 def test_supports_and_qualifies():
-    for name in ("int8", "int8-companded", "int8-blockwise", "bf16", "fp32"):
+    for name in ("int8", "int8-companded", "int8-companded-64", "int8-blockwise", "bf16", "fp32"):
         assert nf.supports(get_format(name)), name
     assert not nf.supports(get_format("native"))  # numba_cpu's
     assert not nf.supports(QuantizedFormat("int8", rounding="stochastic"))
-    assert not nf.supports(QuantizedFormat("int8", int8_companded, 64))  # not the compiled block
+    assert not nf.supports(QuantizedFormat("int8", int8_companded, 128))  # not a compiled block
     assert not nf.supports(QuantizedFormat("int8", sqrt_second_moment=False))
     fmt = NEAREST["int8"]
     p = np.zeros(5000, np.float32)
@@ -624,3 +840,58 @@ def test_packed_bucket_table_gives_the_codec_codes(signed):
         zero = int8_blockwise.zero_code(False)
         expected[(expected == zero) & (y != 0)] = zero + 1
     np.testing.assert_array_equal(_codes(y, signed), expected)
+
+
+# -- vector width (numba_cpu._jit(vector_bits=...)) ------------------------------------------------
+
+
+def _host_has_avx512() -> bool:
+    import llvmlite.binding as ll
+
+    return "+avx512f" in ll.get_host_cpu_features().flatten().split(",")
+
+
+def test_vector_bits_marks_only_the_function_it_compiles():
+    """``vector_bits=512`` puts ``"prefer-vector-width"="512"`` on the function it compiles and
+    nowhere else: a plain numba function compiled after it keeps LLVM's choice; on an AVX-512
+    host the marked loop uses 512-bit registers.  (Uncached copies, so that the assembly can be
+    inspected.)"""
+    from adamkit.kernels.numba_cpu import _vector_width_compiler
+
+    def body(a, b):
+        for i in range(a.size):
+            a[i] = np.sqrt(a[i] * b[i] + np.float32(1.0)) / (b[i] + np.float32(2.0))
+
+    wide = numba.njit(error_model="numpy", pipeline_class=_vector_width_compiler(512))(body)
+    plain = numba.njit(error_model="numpy")(body)
+    a, b = np.ones(100, np.float32), np.full(100, 3.0, np.float32)
+    wide(a, b)
+    np.testing.assert_allclose(a, np.sqrt(np.float32(4.0)) / np.float32(5.0), rtol=1e-6)
+    plain(a, b)
+    attribute = '"prefer-vector-width"="512"'
+    assert attribute in wide.inspect_llvm(wide.signatures[0])
+    assert attribute not in plain.inspect_llvm(plain.signatures[0])
+    if _host_has_avx512():
+        assert "%zmm" in wide.inspect_asm(wide.signatures[0])
+
+
+def test_vector_bits_rejects_what_it_cannot_do():
+    from adamkit.kernels.numba_cpu import _jit
+
+    with pytest.raises(ValueError, match="vector_bits must be None, 128, 256 or 512, got 1024"):
+        _jit(vector_bits=1024)
+    with pytest.raises(ValueError, match="non-parallel"):
+        _jit(vector_bits=512, parallel=True)
+
+
+def test_companded_kernel_variants_have_their_own_cache_entries():
+    """numba's disk cache knows a function by its qualified name and code; variants compiled for
+    another block or vector width must not share (and overwrite) one entry."""
+    names = {
+        nf._companded_kernel(block, bits).py_func.__qualname__
+        for block in (32, 64)
+        for bits in (None, 512)
+    }
+    assert len(names) == 4
+    assert nf._cmp_blocks.py_func.__qualname__.endswith(f"_32_{nf._CMP_VECTOR_BITS}")
+    assert nf._cmp64_blocks.py_func.__qualname__.endswith("_64_None")

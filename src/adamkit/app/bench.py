@@ -588,6 +588,12 @@ CANDIDATES: dict[str, Candidate] = {
             _adamkit_torch_after_backward("int8"),
         ),
         Candidate(
+            "adamkit.torch[int8-companded-64]+bwd",
+            "adamkit.torch.Adam(state='int8-companded-64'), default guard, gradients from an "
+            "untimed backward",
+            _adamkit_torch_after_backward("int8-companded-64"),
+        ),
+        Candidate(
             "adamkit.torch[int8-companded]",
             "adamkit.torch.Adam(state='int8-companded', guard=False): companded, blocks of 32",
             _adamkit_torch_state("int8-companded", guard=False),

@@ -9,8 +9,9 @@ Layers (compute in fp32, store compressed):
    :class:`~adamkit.formats.base.StateFormat` interface: ``zeros``, ``load``, ``store``,
    ``nbytes``, ``to_state_dict``/``from_state_dict``;
 3. :func:`get_format` resolves a group's ``state=`` option (``None``, ``"fp32"``, ``"bf16"``,
-   ``"int8"`` (the dynamic map in blocks of 256; also ``"int8-blockwise"``) and
-   ``"int8-companded"`` (elementwise companded, blocks of 32)).
+   ``"int8"`` (the dynamic map in blocks of 256; also ``"int8-blockwise"``),
+   ``"int8-companded"`` (elementwise companded, blocks of 32) and ``"int8-companded-64"``
+   (the same code in blocks of 64: 2.125 bytes per parameter)).
 
 The dtype policy per format and the small-tensor rule are written in :mod:`adamkit.formats.base`.
 Only NumPy is imported.

@@ -12,27 +12,30 @@ for the ``native`` format) between ``load`` and ``store``::
 
 Dtype policy (the one place it is written down), per moment:
 
-==================  ==================================  =======================  ============
-format              storage                             ``load`` returns         bytes/param
-==================  ==================================  =======================  ============
-``native`` (None)   parameter's dtype                   the stored array itself  itemsize
-``fp32``            float32                             the stored array itself  4
-``bf16``            bfloat16 bits in uint16,            new float32 array        2
-                    stochastic rounding
-``int8``            uint8 dynamic-map codes + float32   new float32 array        1 + 4/256
-                    absmax per block of 256; second
-                    moments as ``sqrt(v)``
-``int8-blockwise``  the same codec under its own name   new float32 array        1 + 4/256
-``int8-companded``  int8/uint8 companded codes +        new float32 array        1 + 4/32
-                    float32 absmax per block of 32;
-                    second moments as ``sqrt(v)``
-==================  ==================================  =======================  ============
+======================  ==================================  =======================  ============
+format                  storage                             ``load`` returns         bytes/param
+======================  ==================================  =======================  ============
+``native`` (None)       parameter's dtype                   the stored array itself  itemsize
+``fp32``                float32                             the stored array itself  4
+``bf16``                bfloat16 bits in uint16,            new float32 array        2
+                        stochastic rounding
+``int8``                uint8 dynamic-map codes + float32   new float32 array        1 + 4/256
+                        absmax per block of 256; second
+                        moments as ``sqrt(v)``
+``int8-blockwise``      the same codec under its own name   new float32 array        1 + 4/256
+``int8-companded``      int8/uint8 companded codes +        new float32 array        1 + 4/32
+                        float32 absmax per block of 32;
+                        second moments as ``sqrt(v)``
+``int8-companded-64``   the same codes, float32 absmax per  new float32 array        1 + 4/64
+                        block of 64 (inside an 8-bit
+                        state's 2.15-byte budget)
+======================  ==================================  =======================  ============
 
 Small-tensor rule: formats that keep a per-block scale (``int8``, ``int8-companded``,
-``int8-blockwise``) store tensors with fewer than :data:`MIN_QUANTIZED_SIZE` elements (4096,
-bitsandbytes' ``min_8bit_size``) densely in float32, because for biases and norms the saving is
-negligible and their moments are the most sensitive.  ``bf16`` has no per-tensor overhead and
-applies to all.
+``int8-companded-64``, ``int8-blockwise``) store tensors with fewer than
+:data:`MIN_QUANTIZED_SIZE` elements (4096, bitsandbytes' ``min_8bit_size``) densely in float32,
+because for biases and norms the saving is negligible and their moments are the most sensitive.
+``bf16`` has no per-tensor overhead and applies to all.
 
 Signedness comes from the role: ``exp_avg`` is signed, the second moments are non-negative
 (:data:`SIGNED_ROLES`), so quantized formats can use a different code for each.

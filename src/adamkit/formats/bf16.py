@@ -15,8 +15,12 @@ rounding give ``inf``):
   probability ``(x - lo) / (hi - lo)`` resolved to 2**-16, so ``E[decode(...)] == x`` exactly for
   every float32 ``x`` (the 16 dropped bits are compared with 16 uniform random bits).  The error is
   below one bf16 ulp: ``< 2**-7 * |x|`` for normal ``x``, ``< 2**-133`` below.
+- :func:`encode_stochastic_at`: the same rounding with the noise of :func:`weyl_noise`, indexed
+  by element position and a key instead of drawn from a generator (what the fused kernels use;
+  unbiased over a uniform key, and a tensor's contiguous parts rounded with their offsets get
+  the bits of the whole).
 
-Both keep zero's sign, never change the sign of ``x``, map ``±inf`` to ``±inf`` and NaN to a quiet
+All keep zero's sign, never change the sign of ``x``, map ``±inf`` to ``±inf`` and NaN to a quiet
 NaN of the same sign.  Inputs are converted to float32 first (float64 input is rounded once there).
 """
 
@@ -26,10 +30,22 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BF16_MAX", "decode", "encode_nearest", "encode_stochastic"]
+__all__ = [
+    "BF16_MAX",
+    "WEYL_MULTIPLIER",
+    "decode",
+    "encode_nearest",
+    "encode_stochastic",
+    "encode_stochastic_at",
+    "weyl_noise",
+]
 
 BF16_MAX = float(np.uint32(0x7F7F0000).view(np.float32))
 """Largest finite bfloat16 value, (2 - 2**-7) * 2**127."""
+
+WEYL_MULTIPLIER = 0x9E3779B9
+"""Multiplier of the Weyl sequence of :func:`weyl_noise`: 2**32 divided by the golden ratio,
+rounded to an odd number (so ``i -> i * WEYL_MULTIPLIER mod 2**32`` is a bijection)."""
 
 _QUIET_NAN = np.uint32(0x7FC0)
 _SIGN = np.uint32(0x8000)
@@ -82,6 +98,41 @@ def encode_stochastic(x: Any, rng: np.random.Generator) -> np.ndarray:
     noise = rng.integers(0, 1 << 16, size=bits.shape, dtype=np.uint32)
     # Rounds the magnitude up exactly when the dropped 16 bits plus the noise carry, i.e. with
     # probability (dropped bits) / 2**16 = (|x| - lo) / (hi - lo): the spacing is uniform below hi.
+    rounded = (bits + noise) >> 16
+    return _fix_nan(x32, bits, rounded.astype(np.uint16)).reshape(np.shape(x))
+
+
+def weyl_noise(key: int, offset: int, size: int) -> np.ndarray:
+    """Rounding noise of elements ``offset .. offset + size - 1`` of the stream ``key``: the top
+    16 bits of ``(i * WEYL_MULTIPLIER + key) mod 2**32`` for element ``i``, as ``uint32`` values
+    in ``[0, 2**16)`` (only ``key mod 2**32`` and ``i mod 2**32`` matter).
+
+    With ``key`` uniform over 32 bits, each element's noise is exactly uniform over its 2**16
+    values (so :func:`encode_stochastic_at` is unbiased); neighbours get a low-discrepancy
+    sequence (golden-ratio steps), not independent draws.  ``ValueError`` for negative
+    ``offset`` or ``size``.
+    """
+    if offset < 0 or size < 0:
+        raise ValueError(f"offset and size must be >= 0, got offset={offset}, size={size}")
+    index = np.arange(offset, offset + size, dtype=np.uint64).astype(np.uint32)
+    with np.errstate(over="ignore"):  # wrap-around mod 2**32 is the definition
+        u = index * np.uint32(WEYL_MULTIPLIER) + np.uint32(int(key) & 0xFFFFFFFF)
+    return u >> np.uint32(16)
+
+
+def encode_stochastic_at(x: Any, key: int, offset: int = 0) -> np.ndarray:
+    """Round ``x`` stochastically to a neighbouring bfloat16 with the noise of
+    :func:`weyl_noise` ``(key, offset, x.size)`` (element ``k`` of ``x`` in C order is element
+    ``offset + k`` of the stream); return ``uint16`` bits of ``x``'s shape.
+
+    Deterministic for given ``key`` and ``offset``; over a uniformly random 32-bit ``key`` it has
+    the distribution of :func:`encode_stochastic` for each element (unbiased), so a tensor split
+    into contiguous shards, each rounded with its own ``offset`` and the same ``key``, gets the
+    bits of the whole.  The fused kernels of :mod:`adamkit.kernels.numba_formats` round with
+    this noise.  Raises ``TypeError`` for non-real input, ``ValueError`` for ``offset < 0``.
+    """
+    x32, bits = _bits32(x)
+    noise = weyl_noise(key, offset, bits.size)
     rounded = (bits + noise) >> 16
     return _fix_nan(x32, bits, rounded.astype(np.uint16)).reshape(np.shape(x))
 

@@ -40,6 +40,7 @@ first run ever pays the JIT.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -74,8 +75,25 @@ _GSIGN, _WD, _COUPLED, _PSCALE, _W1, _W1_SMALL, _W2, _BETA2, _NEG_SS, _BC2S, _IN
 _NCOEF = 12
 
 
-def _jit(**options):
-    """``numba.njit`` with the kernel options, cached on disk when a cache location exists."""
+def _jit(*, vector_bits: int | None = None, **options):
+    """``numba.njit`` with the kernel options, cached on disk when a cache location exists.
+
+    ``vector_bits=512`` compiles the function (not its callers, not other numba code in the
+    process) with the LLVM function attribute ``"prefer-vector-width"="512"``: on AVX-512 CPUs,
+    whose LLVM tuning otherwise stops the loop vectoriser at 256 bits, its loops then use zmm
+    registers; on CPUs without AVX-512 (and off x86) the attribute changes nothing.  Only for
+    non-parallel functions (the parallel ones keep numba's parfor pipeline): put the loops in a
+    ``vector_bits`` function and call it from the parallel one.  The attribute is a speed hint:
+    should numba's compiler internals that carry it change, the function compiles without it.
+    """
+    if vector_bits is not None:
+        if vector_bits not in (128, 256, 512):
+            raise ValueError(f"vector_bits must be None, 128, 256 or 512, got {vector_bits!r}")
+        if options.get("parallel"):
+            raise ValueError("vector_bits applies to non-parallel functions only")
+        # (ImportError, AttributeError: another numba's internals; compile without the hint)
+        with contextlib.suppress(ImportError, AttributeError):
+            options["pipeline_class"] = _vector_width_compiler(vector_bits)
 
     def decorate(fn):
         try:
@@ -84,6 +102,57 @@ def _jit(**options):
             return njit(cache=False, error_model="numpy", **options)(fn)
 
     return decorate
+
+
+_VECTOR_WIDTH_COMPILERS: dict[int, type] = {}
+
+
+def _vector_width_compiler(bits: int) -> type:
+    """A numba compiler class (``pipeline_class``) whose lowering marks each compiled function
+    with ``"prefer-vector-width"="<bits>"`` (clang's ``-mprefer-vector-width``)."""
+    if bits in _VECTOR_WIDTH_COMPILERS:
+        return _VECTOR_WIDTH_COMPILERS[bits]
+    from llvmlite import ir
+    from numba.core.compiler import CompilerBase, DefaultPassBuilder
+    from numba.core.compiler_machinery import register_pass
+    from numba.core.lowering import Lower
+    from numba.core.typed_passes import NativeLowering
+
+    attribute = f'"prefer-vector-width"="{bits}"'
+
+    # llvmlite's attribute sets accept only its list of LLVM keywords; a string attribute
+    # (printed as it is into the function's prototype) needs a set that knows it.
+    attributes = type("_Attributes", (ir.FunctionAttributes,), {})
+    attributes._known = ir.FunctionAttributes._known | {attribute}
+
+    class _Lower(Lower):
+        def post_lower(self) -> None:
+            super().post_lower()
+            if type(self.function.attributes) is ir.FunctionAttributes:
+                self.function.attributes.__class__ = attributes
+                self.function.attributes.add(attribute)
+
+    @register_pass(mutates_CFG=True, analysis_only=False)
+    class _Lowering(NativeLowering):
+        _name = f"adamkit_native_lowering_vector_{bits}"
+
+        @property
+        def lowering_class(self) -> type:
+            return _Lower
+
+    class _Compiler(CompilerBase):
+        def define_pipelines(self) -> list:
+            pm = DefaultPassBuilder.define_nopython_pipeline(self.state)
+            # (a pipeline without NativeLowering, were numba to change it, stays unmarked)
+            pm.passes = [
+                (_Lowering, text) if cls is NativeLowering else (cls, text)
+                for cls, text in pm.passes
+            ]
+            pm.finalize()
+            return [pm]
+
+    _VECTOR_WIDTH_COMPILERS[bits] = _Compiler
+    return _Compiler
 
 
 @intrinsic

@@ -16,14 +16,13 @@ Storage encodings handled (``Storage.encoding``):
 - ``"dense"``: float32 moments (the small tensors of the 8-bit formats, and the ``fp32`` format).
 - ``"bf16"``: ``uint16`` bfloat16 bits; nearest-even or stochastic rounding, as the format says.
   NaN and inf are kept, as :mod:`adamkit.formats.bf16` keeps them.
-- ``"int8"``: :mod:`adamkit.formats.int8_companded` codes, blocks of 32 (the registered
-  ``"int8-companded"`` format; this encoding name predates the registry's): ``m`` as
-  ``rint(254 x / (s + |x|))`` in int8, ``sqrt(v)`` as ``rint(255 r / s)`` in uint8, one float32
-  absmax ``s`` per block.  Decoding ``m`` is a 256-entry float32 table (``c / (254 - |c|)``,
-  1 KiB, in L1); encoding is arithmetic.
-- ``"int8-blockwise"``: :mod:`adamkit.formats.int8_blockwise` (dynamic map, blocks of 256),
-  the registered ``"int8"`` format: decoding by 256-entry tables, encoding by the codec's bucket
-  table.
+- ``"int8-companded"`` and ``"int8-companded-64"`` (the format's name): the
+  :mod:`adamkit.formats.int8_companded` codes in blocks of 32 and of 64, one kernel compiled for
+  each block: ``m`` as ``rint(254 x / (s + |x|))`` in int8, ``sqrt(v)`` as ``rint(255 r / s)`` in
+  uint8, one float32 absmax ``s`` per block.  Decoding ``m`` is a 256-entry float32 table
+  (``c / (254 - |c|)``, 1 KiB, in L1); encoding is arithmetic.
+- ``"int8"`` and ``"int8-blockwise"``: :mod:`adamkit.formats.int8_blockwise` (dynamic map,
+  blocks of 256): decoding by 256-entry tables, encoding by the codec's bucket table.
 
 A block's new absmax must be known before any of it is encoded, so each block is two short loops
 of a compile-time length: the first decodes and forms the new moments (kept in three small
@@ -51,14 +50,50 @@ No ``fastmath``: NaN and inf behave as in the reference (the non-finite guard an
 format's NaN/inf handling rely on it).  The flags that keep them (``contract, arcp, afn, nsz``)
 gave no measurable speed-up on these loops, and ``afn`` may turn ``sqrt(inf)`` into NaN.
 
-Stochastic bf16 rounding draws its 16 random bits per value from a counter-based hash (Wellons'
-"lowbias32" of ``(i * golden) ^ key`` for element ``i``, in 32-bit integer lanes; m and v take the
-two halves of one hash, ``v_max`` a second one), with one 64-bit ``key`` per parameter taken
-from the raw bit stream of the caller's ``numpy.random.Generator`` on each call.  It is
-deterministic for a given generator state and independent of the thread count, but it is not the
-stream that ``Bf16Format.store`` uses, so against the plain path the rounding agrees in
-distribution (each value goes to one of its two bf16 neighbours, up with probability
-(x - lo)/(hi - lo)).
+Stochastic bf16 rounding adds 16 bits of noise ``u`` below the kept half and truncates (as
+:func:`adamkit.formats.bf16.encode_stochastic`): with ``u`` uniform, ``x`` goes up to its upper
+bf16 neighbour with probability ``(x - lo) / (hi - lo)``.  The noise of element ``j`` of the
+*whole* parameter (``j = offset + i``, ``offsets`` of :func:`adam_update_stored_`) is the top 16
+bits of a randomly shifted Weyl sequence, ``(j * G + k) mod 2**32`` with ``G = 0x9E3779B9``
+(2**32 over the golden ratio, odd), one key ``k`` per moment and call: ``m`` takes the low and
+``v`` the high 32 bits of one 64-bit word drawn raw from the caller's ``numpy.random.Generator``,
+``v_max`` (AMSGrad) a second word; one word (two) per parameter per call, in parameter order.
+Statistical properties:
+
+- unbiased, exactly: for a fixed element ``j * G`` is a constant shift, so over a uniform 32-bit
+  key ``u`` takes each of its 2**16 values equally often and ``E[rounded] = x`` for every float32
+  ``x`` (``tests/kernels``: exactly over the lattice of keys, and as the mean over 2048 calls);
+- independent where it matters: each call draws new keys, so an element's noise is independent
+  from step to step, and ``m``, ``v`` and ``v_max`` take independent keys;
+- within one call neighbours are *not* independent but low-discrepancy (golden-ratio steps
+  around the circle, the three-distance theorem): of ``n`` equal values the number rounded up is
+  within a few of ``n p`` (measured at most 2.7 for ``n`` up to 4096) where independent noise
+  scatters by ``sqrt(n p (1 - p))``, so a tensor's errors cancel better.  The price is that the
+  errors of different elements are correlated within a step (deterministic given the key); data
+  whose low bits followed the lattice could see them aligned, yet every value stays unbiased;
+- indexed by global position only: independent of the thread count and chunking, and a shard
+  rounded with its ``offset`` and the same key gets the bits of the whole tensor, which makes
+  FSDP2 runs equal one process (:class:`adamkit.kernels.stored.ShardRng`).
+  :func:`adamkit.formats.bf16.encode_stochastic_at` is the NumPy twin (the same bits).
+
+It is not the stream that ``Bf16Format.store`` uses, so against the plain path the rounding
+agrees in distribution.  Cost: ``j * G`` is a loop induction, one vector add per moment and 8
+elements, and the offset is folded into the key (``k + offset * G``) before the loop (an int64
+``offset + i`` in it cost a third more).  The earlier counter-based hash (Wellons' "lowbias32" of
+``(j * G) ^ k``: 3 multiplies per element) made the stochastic step 1.45x as slow as nearest; in
+one run (``benchmarks/format_variants.py --baseline``, 10M, ns per element and x torch.fused,
+``benchmarks/results/2026-11-25c/h1_*``)::
+
+                                 2 threads      1 thread
+    torch.fused                  0.76 (1.00)    1.25 (1.00)
+    bf16, stochastic (Weyl)      0.52 (1.46)    0.90 (1.39)
+    bf16, stochastic (hash)      0.70 (1.09)    1.18 (1.06)
+    bf16, nearest                0.48 (1.57)    0.89 (1.41)
+
+At 100M parameters (2 threads, another run): torch.fused 1.22, Weyl 0.92 (1.32), hash 1.16
+(1.05), nearest 0.92 (1.32).  A later 10M run gave (x) Weyl 1.38 / 1.33, hash 1.19 / 1.07,
+nearest 1.40 / 1.35 (2 threads / 1): the ratios move by up to 0.2 between runs on this shared
+VM, the Weyl kernel stays within 0.05 of nearest.
 
 Non-finite values.  8-bit codes cannot hold NaN/inf (``store`` raises).  A block whose new
 moments are non-finite is left entirely unchanged (parameter, codes and scale) and, after the
@@ -66,45 +101,69 @@ parameter's pass, :func:`adam_update_stored_` raises ``ValueError``.  Unlike ``s
 blocks of that parameter (and earlier parameters) have then been updated: a single pass cannot
 know in advance.  Skip non-finite steps before the update (the guard's non-finite check does).
 
-Speed, and which codec ``"int8"`` is.  ``benchmarks/format_variants.py``: one 10M
-float32 tensor, median of 11 interleaved steps, ns per element and (x) speed relative to
-``torch.optim.Adam(fused=True)`` in the same run, on the 2-core development VM at a quiet moment
-(load average about 1; under the load of other jobs the times moved by up to 2x between runs,
-and the ratios by up to 0.2)::
+Speed.  ``benchmarks/format_variants.py``: one 10M float32 tensor, median of 15 interleaved steps,
+ns per element and (x) speed relative to ``torch.optim.Adam(fused=True)`` in the same run, on the
+2-core development VM (AVX-512), each run started when both cores had been at least 85% idle for
+3 s, runs disturbed by other jobs (torch.fused above 0.8 / 1.3 ns) dropped, the median of the rest
+(``benchmarks/results/2026-11-25c/h2_int8_*``; each column from its own runs, so compare the
+ratios across columns, not the times).  "as shipped" (3 runs with 2 threads, 2 with 1): the
+companded spans for blocks of 32 compiled with ``vector_bits=512`` (``numba_cpu._jit``), the
+other kernels at LLVM's default for this CPU (256-bit vectors); "all 512" (3 and 2 earlier
+runs): every kernel at 512 bits (``NUMBA_CPU_FEATURES`` with ``-prefer-256-bit``, for the
+comparison only).  At 100M (2 threads, one run each): ``int8-companded-64`` 0.41 (1.55, 1.58),
+``int8-companded`` 0.42 (1.51, 1.51), ``"int8"`` 0.86-0.88 (0.73-0.74)::
 
-                                 2 threads      1 thread       bit-exact kernels before (x)
-    torch.fused                  0.65 (1.00)    1.20 (1.00)    2 threads / 1 thread
-    streaming floor (28 B)       0.42 (1.55)    0.82 (1.47)
-    fp32 state (numba_cpu)       0.48 (1.35)    0.90 (1.34)
-    bf16, stochastic rounding    0.58 (1.13)    1.15 (1.04)    0.75 / 0.76
-    bf16, nearest                0.45 (1.45)    0.90 (1.34)    0.97 / 0.89
-    int8-companded (32)          0.55 (1.18)    1.14 (1.06)
-    int8 (dynamic map, 256)      0.80 (0.81)    1.64 (0.73)    0.43 / 0.53
+                              state B/param  2 threads                  1 thread
+                                             as shipped   all 512       as shipped   all 512
+    torch.fused                   8          0.60 (1.00)  0.62 (1.00)   1.22 (1.00)  1.08 (1.00)
+    streaming floor (28 B)        --         0.43 (1.42)  0.40 (1.56)   0.86 (1.42)  0.80 (1.34)
+    fp32 state (numba_cpu)        8          0.48 (1.26)  0.49 (1.27)   0.94 (1.30)  0.93 (1.17)
+    bf16, stochastic (Weyl)       4          0.49 (1.26)  0.41 (1.51)   0.98 (1.25)  0.81 (1.33)
+    bf16, nearest                 4          0.48 (1.32)  0.42 (1.48)   0.95 (1.28)  0.80 (1.34)
+    int8 (dynamic map, 256)       2.03       0.86 (0.70)  0.84 (0.74)   1.71 (0.72)  1.60 (0.68)
+    int8-companded (32)           2.25       0.40 (1.48)  0.40 (1.54)   0.82 (1.48)  0.79 (1.37)
+    int8-companded-64             2.125      0.37 (1.64)  0.38 (1.61)   0.76 (1.61)  0.73 (1.48)
 
-Variants measured on the way (1 thread, ns per element; torch.fused 1.20-1.35 in those runs): the
-companded step with ``m`` decoded by its division 1.33, by the table 1.27 (shipped), with the
-encode's division replaced by a Newton reciprocal 1.35 (the divider is not the bottleneck: the
-step is ~30 vector instructions per 8 elements); block loops inside a numba-inlined helper
-instead of the span's own body 2.7 against 1.7 (shipped) on a 2M tensor; the dynamic map with its
-four table gathers per element 1.95.  The 8-bit step is compute-bound (about 2.5 cycles per
-element: decode, step, absmax, encode) and bf16 with stochastic rounding nearly so (the hash: 3
-32-bit multiplies per element), so neither reaches the 1.75x (int8, 16.5 B) or 1.4x (bf16, 20 B)
-that their bytes would allow over 28 B; this VM moves about 50 GB/s, so even at 100M parameters
-(DRAM) the step is not bandwidth-bound with 2 threads (``benchmarks/results/2026-11-25b``).
+What made the 8-bit companded step fast (``benchmarks/kernel_variants.py --int8``, the kernel
+for each block and vector width in one process; 10M, 2 threads / 1 thread, ns per element):
 
-Quality (``benchmarks/format_variants.py --quality``, plain path, 10 seeds, largest (median)
-relative distance from fp32 state): the MLP training check of ``tests/torch`` (96-64-3, AdamW,
-200 steps) ends 0.0125 (0.0090) from fp32 in its parameters with the companded code against
-0.0689 (0.0456) with the dynamic map, loss 0.0014 against 0.0058; the quadratic with curvatures
-over four decades (300 steps) 0.087 (0.082) against 0.082 (0.064), loss 0.0011 against 0.0062.
-So the companded code is as good or better (its blocks of 32 adapt the scale more locally) and
-1.45x faster, for 2.25 instead of 2.03 bytes of state per parameter (two 1-byte codes and a
-float32 scale per 32, per moment).  The registered ``"int8"`` is nevertheless the dynamic map:
-the memory budget of an 8-bit state (2.15 bytes per parameter) is its reason to exist, and
-neither codec reaches the 1.5x speed target here; ``state="int8-companded"`` offers the faster
-one.  Its weakness: ``sqrt(v)`` is linear in 255 steps of the block
-maximum, so within a block an element whose root is below 1/255 of the largest is stored at the
-first level (never 0), which shortens its early steps.
+- software prefetch (:data:`_PREFETCH_AHEAD`): the hardware prefetcher alone left the step 40%
+  slower on DRAM-sized tensors than on L2-resident ones; with it, blocks of 64 at 512 bits went
+  from 0.44 to 0.37 (2 threads) and 0.97 to 0.72 (1 thread, 8M);
+- 512-bit vectors for the spans of blocks of 32: 0.46 -> 0.40 / 0.87 -> 0.76; for blocks of 64
+  they made no difference with 2 threads (0.36-0.37) and cost 2-3% with 1 (0.68-0.69 -> 0.70-0.71),
+  so those keep LLVM's choice;
+- blocks of 64 rather than 32: half the per-block work (two horizontal maxima, two scale
+  divisions, the loop control), 0.40 -> 0.36-0.37 / 0.76 -> 0.68-0.69;
+- the unsigned code as ``max(rint(y), y > 0)`` in integers (one conversion): 5% at L2.
+
+Tried without gain (L2-resident, 1 thread, blocks of 64 at 512 bits, 0.73-0.77 ns): the two
+divisions per element (update and signed code) merged into one reciprocal (0.74), a Newton
+reciprocal for the code's division (0.75); an upper bound, dropping both divisions, would give
+0.64-0.66, and dropping the decode table's gather 0.71-0.72: the step is bound by the number of
+vector instructions (about 50 per 16 elements over the two ports that run 512-bit operations),
+not by one unit.  The dynamic map (``"int8"``) stays compute-bound at 0.82-0.87 (its four table
+lookups per element; neither 512-bit vectors nor prefetch moved it).
+
+Quality (``benchmarks/format_variants.py --quality``, 10 seeds, largest (median) relative
+distance from fp32 state; the MLP through the plain path, the quadratic through these kernels):
+the MLP training check of ``tests/torch`` (96-64-3, AdamW, 200 steps), parameters / loss::
+
+    int8 (dynamic map, 256)   0.0689 (0.0456) / 0.0058 (0.0037)
+    int8-companded (32)       0.0125 (0.0090) / 0.0014 (0.0008)
+    int8-companded-64         0.0280 (0.0141) / 0.0018 (0.0012)
+    bf16 (stochastic)         0.0082 (0.0060) / 0.0007 (0.0002)
+
+and the quadratic with curvatures over four decades (300 steps) 0.082 (0.064) / 0.0062 (0.0032)
+for the dynamic map, 0.087 (0.082) / 0.0011 (0.0007) for blocks of 32, 0.087 (0.082) / 0.0014
+(0.0011) for blocks of 64.  So blocks of 64 lose some of the companded code's accuracy (its scale
+adapts less locally) and remain well ahead of the dynamic map, with 2.125 bytes of state per
+parameter (two 1-byte codes and a float32 scale per 64, per moment: inside the 2.15 budget that
+the 32-block code's 2.25 exceeds) and 1.55-1.65x torch.fused at 10M and 100M parameters.  The
+companded code's weakness: ``sqrt(v)`` is linear in 255 steps of the block maximum, so within a
+block an element whose root is below 1/255 of the largest is stored at the first level (never 0),
+which shortens its early steps.  Which codec the name ``"int8"`` stands for is the registry's
+choice (:mod:`adamkit.formats.registry`).
 
 Two threads: with numba's ``omp`` layer, on a machine whose cores are busy with other work,
 libgomp's spin-waiting made 2-thread runs of these kernels up to 2.4x slower than one thread
@@ -119,7 +178,7 @@ How a dispatcher uses it: ``supports(fmt)`` says whether a format has a fused ke
 ``qualifies(fmt, param, grad, sm, sv, sw)`` whether one parameter can take it; then
 ``adam_update_stored_(fmt, params, grads, sms, svs, sws, steps, hp, rng=rng, fallback=...)``
 (``fallback`` gets ``(fmt, param, grad, sm, sv, sw, step, hp, rng)`` for parameters that do not
-qualify, e.g. the plain load/step/store path).
+qualify, e.g. the plain load/step/store path; ``offsets=`` places shards in their whole tensor).
 """
 
 from __future__ import annotations
@@ -136,6 +195,7 @@ from adamkit.core.config import AdamHyperParams
 from adamkit.core.reference import bias_corrections
 from adamkit.formats import int8_blockwise, int8_companded
 from adamkit.formats.base import Storage
+from adamkit.formats.bf16 import WEYL_MULTIPLIER
 from adamkit.formats.containers import Bf16Format, DenseFormat, QuantizedFormat
 from adamkit.kernels.numba_cpu import (
     PARALLEL_MIN_SIZE,
@@ -164,7 +224,8 @@ _W1, _W1_SMALL, _W2, _BETA2, _NEG_SS, _INV_BC2S, _EPS = range(7)
 
 _F32 = np.dtype(np.float32)
 _MAX_FINITE_BITS = np.int32(0x7F7FFFFF)  # bit pattern of the largest finite float32
-_CB = int8_companded.DEFAULT_BLOCK  # block of the companded kernel (a compile-time constant)
+_CB = int8_companded.DEFAULT_BLOCK  # blocks of the companded kernels (compile-time constants)
+_CB64 = int8_companded.BUDGET_BLOCK
 _BB = int8_blockwise.DEFAULT_BLOCK  # block of the dynamic-map kernel
 
 # -- scalar helpers ----------------------------------------------------------------------------
@@ -234,29 +295,25 @@ def _bf16_round(typingctx, x, noise):
 
 
 @intrinsic
-def _hash32(typingctx, key, i):
-    """32 random bits for counter ``i`` of the stream ``key``: Wellons' "lowbias32" integer hash
-    of ``(i * golden) ^ key``, in 32-bit integer arithmetic (so vectors stay 8 lanes wide)."""
+def _weyl16(typingctx, key, i):
+    """Rounding noise for element ``i`` of the stream ``key``: the top 16 bits of
+    ``(i * WEYL_MULTIPLIER + key) mod 2**32`` as int32 in [0, 2**16), as
+    :func:`adamkit.formats.bf16.weyl_noise`.  In 32-bit integer lanes; in a loop over ``i``
+    LLVM turns the product into one vector add."""
     if not (isinstance(key, types.Integer) and isinstance(i, types.Integer)):
         return None
 
     def codegen(context, builder, signature, args):
         i32 = ir.IntType(32)
 
-        def c(v):
-            return ir.Constant(i32, v)
-
         def low32(value):
             return builder.trunc(value, i32) if value.type.width > 32 else value
 
-        x = builder.xor(builder.mul(low32(args[1]), c(0x9E3779B9)), low32(args[0]))
-        x = builder.xor(x, builder.lshr(x, c(16)))
-        x = builder.mul(x, c(0x7FEB352D))
-        x = builder.xor(x, builder.lshr(x, c(15)))
-        x = builder.mul(x, c(0x846CA68B))
-        return builder.xor(x, builder.lshr(x, c(16)))
+        step = builder.mul(low32(args[1]), ir.Constant(i32, WEYL_MULTIPLIER))
+        u = builder.add(step, low32(args[0]))
+        return builder.lshr(u, ir.Constant(i32, 16))
 
-    return types.uint32(key, i), codegen
+    return types.int32(key, i), codegen
 
 
 @_jit(inline="always")
@@ -373,8 +430,18 @@ def _dense_parallel(p, g, m, v, w, amsgrad, cp, c32):
 
 
 @_jit(inline="always")
-def _bf16_loop(p, g, m, v, w, amsgrad, stochastic, k, key, offset):
+def _weyl_keys(key, key2, offset):
+    """The keys of m, v and v_max for a span whose element 0 is element ``offset`` of the whole
+    parameter: ``i * G + (key + offset * G) == (offset + i) * G + key`` (mod 2**32), so the
+    loop needs no offset (an int64 ``offset + i`` in it cost 0.4 ns per element, a third)."""
+    shift = np.uint64(offset) * np.uint64(WEYL_MULTIPLIER)
+    return key + shift, (key >> np.uint64(32)) + shift, key2 + shift
+
+
+@_jit(inline="always")
+def _bf16_loop(p, g, m, v, w, amsgrad, stochastic, k, keys):
     nearest = np.int32(-1)
+    key_m, key_v, key_w = keys
     for i in range(p.size):
         pi = p[i]
         mi, vi = _moments(_grad(pi, g[i], k), _bf16_decode(m[i]), _bf16_decode(v[i]), k)
@@ -385,15 +452,10 @@ def _bf16_loop(p, g, m, v, w, amsgrad, stochastic, k, key, offset):
             wi = vi
             p[i] = _apply(pi, mi, np.sqrt(vi), k)
         if stochastic:
-            # int64 counter, truncated to 32 bits in the hash: uint64 arithmetic would go
-            # through float64 in numba and stop the vectorisation.
-            h = _hash32(key, offset + i)  # 16 bits for each of m and v
-            m[i] = _bf16_round(mi, np.int32(h & np.uint32(0xFFFF)))
-            v[i] = _bf16_round(vi, np.int32(h >> np.uint32(16)))
+            m[i] = _bf16_round(mi, _weyl16(key_m, i))
+            v[i] = _bf16_round(vi, _weyl16(key_v, i))
             if amsgrad:
-                w[i] = _bf16_round(
-                    wi, np.int32(_hash32(key >> np.uint64(32), offset + i) >> np.uint32(16))
-                )
+                w[i] = _bf16_round(wi, _weyl16(key_w, i))
         else:
             m[i] = _bf16_round(mi, nearest)
             v[i] = _bf16_round(vi, nearest)
@@ -402,32 +464,38 @@ def _bf16_loop(p, g, m, v, w, amsgrad, stochastic, k, key, offset):
 
 
 @_jit()
-def _bf16_span(p, g, m, v, w, amsgrad, stochastic, k, key, offset):
+def _bf16_span(p, g, m, v, w, amsgrad, stochastic, k, key, key2, offset):
+    keys = _weyl_keys(key, key2, offset)
     if amsgrad:
         if stochastic:
-            _bf16_loop(p, g, m, v, w, True, True, k, key, offset)
+            _bf16_loop(p, g, m, v, w, True, True, k, keys)
         else:
-            _bf16_loop(p, g, m, v, w, True, False, k, key, offset)
+            _bf16_loop(p, g, m, v, w, True, False, k, keys)
     elif stochastic:
-        _bf16_loop(p, g, m, v, w, False, True, k, key, offset)
+        _bf16_loop(p, g, m, v, w, False, True, k, keys)
     else:
-        _bf16_loop(p, g, m, v, w, False, False, k, key, offset)
+        _bf16_loop(p, g, m, v, w, False, False, k, keys)
+
+
+# The kernels take the keys of element 0 of ``p`` (a parameter's offset folded in by _shift_keys
+# beforehand: an offset argument cost 0.1 us per call, a few percent for small tensors).
 
 
 @_jit()
-def _bf16_serial(p, g, m, v, w, amsgrad, cp, c32, stochastic, key):
-    _bf16_span(p, g, m, v, w, amsgrad, stochastic, _unpack(cp, c32), key, 0)
+def _bf16_serial(p, g, m, v, w, amsgrad, cp, c32, stochastic, key, key2):
+    _bf16_span(p, g, m, v, w, amsgrad, stochastic, _unpack(cp, c32), key, key2, 0)
 
 
 @_jit(parallel=True)
-def _bf16_parallel(p, g, m, v, w, amsgrad, cp, c32, stochastic, key):
+def _bf16_parallel(p, g, m, v, w, amsgrad, cp, c32, stochastic, key, key2):
     k = _unpack(cp, c32)
     n = p.size
     for c in prange((n + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS):
         lo = c * CHUNK_ELEMENTS
         hi = min(lo + CHUNK_ELEMENTS, n)
         wc = w[lo:hi] if amsgrad else w
-        _bf16_span(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], wc, amsgrad, stochastic, k, key, lo)
+        pc, gc, mc, vc = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
+        _bf16_span(pc, gc, mc, vc, wc, amsgrad, stochastic, k, key, key2, lo)
 
 
 # -- 8-bit codes, common structure ---------------------------------------------------------------
@@ -439,6 +507,46 @@ def _bf16_parallel(p, g, m, v, w, amsgrad, cp, c32, stochastic, key):
 # reason (a branch on a run-time flag would stay in the loop).  A partial last block is run
 # through the same span on zero-padded copies (zeros encode to zeros and do not change a block's
 # absmax, so the padding cannot change the real elements' codes).
+
+
+@intrinsic
+def _prefetch(typingctx, arr, index):
+    """Ask the cache for the line holding element ``index`` of the 1-d array ``arr``: a hint
+    (``prefetcht0``), which never faults, so ``index`` may lie past the end."""
+    if not (isinstance(arr, types.Array) and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p], fnty)
+        address = builder.bitcast(builder.gep(data, [args[1]]), i8p)  # not inbounds: a hint
+        # read, high temporal locality (all cache levels), data cache
+        builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, index), codegen
+
+
+#: How far ahead (elements) the 8-bit spans prefetch the parameter, gradient and codes.  The
+#: hardware prefetcher alone left the companded step 40% slower on a 8M tensor (DRAM) than on
+#: an L2-resident one, single-threaded; 1024 ahead removed most of that (0.97 -> 0.72 ns per
+#: element; 256 to 4096 all within 4%), at no cost when the data is in cache.
+_PREFETCH_AHEAD = 1024
+
+
+@_jit(inline="always")
+def _prefetch_block(p, g, mc, vc, lo, block):
+    """Prefetch the block ``_PREFETCH_AHEAD`` elements after ``lo``: float32 lines of 16
+    elements, code lines of 64."""
+    ahead = lo + _PREFETCH_AHEAD
+    for q in range(0, block, 16):
+        _prefetch(p, ahead + q)
+        _prefetch(g, ahead + q)
+    for q in range(0, block, 64):
+        _prefetch(mc, ahead + q)
+        _prefetch(vc, ahead + q)
 
 
 @_jit(inline="always")
@@ -479,88 +587,116 @@ def _cmp_code_m(m, divisor):
 def _cmp_code_root(y):
     """The unsigned code of ``y = 255 r / s``, never 0 for ``y > 0`` (``keep_nonzero``: a
     positive second moment never flushes to 0)."""
-    c = np.rint(y)
-    return np.uint8(c + np.float32((c == np.float32(0.0)) & (y > np.float32(0.0))))
+    # rint then an integer max: one conversion (``cvtps2dq`` rounds to nearest even), no float
+    # compare-and-add (5% of the step at 512 bits)
+    return np.uint8(max(np.int32(np.rint(y)), np.int32(y > np.float32(0.0))))
 
 
-@_jit()
-def _cmp_span(p, g, mc, ms, vc, vs, k, mb, rb):
-    """Whole companded blocks; returns how many were left unchanged for non-finite moments."""
-    bad = 0
-    for b in range(ms.size):
-        lo = b * _CB
-        sm = ms[b]
-        sv = vs[b] * np.float32(1.0 / 255.0)
-        am = av = np.int32(0)
-        for j in range(_CB):
-            mi, ri = _cmp_new(p[lo + j], g[lo + j], mc[lo + j], vc[lo + j], sm, sv, k)
-            mb[j] = mi
-            rb[j] = ri
-            am = max(am, _abs_bits(mi))
-            av = max(av, _abs_bits(ri))
-        if max(am, av) > _MAX_FINITE_BITS:
-            bad += 1  # int8 cannot hold NaN/inf: leave the whole block as it was
-            continue
-        sm, dm = _scale(am)
-        sv, dv = _scale(av)
-        inv_v = np.float32(255.0) / dv
-        for j in range(_CB):
-            p[lo + j] = _apply(p[lo + j], mb[j], rb[j], k)
-            mc[lo + j] = _cmp_code_m(mb[j], dm)
-            vc[lo + j] = _cmp_code_root(rb[j] * inv_v)
-        ms[b] = sm
-        vs[b] = sv
-    return bad
+#: Vector width of the companded spans for blocks of 32 (see ``numba_cpu._jit``): 512 bits made
+#: them 13% faster; blocks of 64 keep LLVM's choice, which was as fast with 2 threads and 2-3%
+#: faster with 1 (module docstring).
+_CMP_VECTOR_BITS = 512
 
 
-@_jit()
-def _cmp_span_ams(p, g, mc, ms, vc, vs, wc, ws, k, mb, rb, wb):
-    """:func:`_cmp_span` with AMSGrad: the stored ``sqrt(v_max)`` becomes
-    ``max(sqrt(v_max), sqrt(v))`` (= ``sqrt(max(v_max, v))``: the root is monotone)."""
-    bad = 0
-    for b in range(ms.size):
-        lo = b * _CB
-        sm = ms[b]
-        sv = vs[b] * np.float32(1.0 / 255.0)
-        sw = ws[b] * np.float32(1.0 / 255.0)
-        am = av = aw = np.int32(0)
-        for j in range(_CB):
-            mi, ri = _cmp_new(p[lo + j], g[lo + j], mc[lo + j], vc[lo + j], sm, sv, k)
-            wi = _max_nan(np.float32(wc[lo + j]) * sw, ri)
-            mb[j] = mi
-            rb[j] = ri
-            wb[j] = wi
-            am = max(am, _abs_bits(mi))
-            av = max(av, _abs_bits(ri))
-            aw = max(aw, _abs_bits(wi))
-        if max(am, max(av, aw)) > _MAX_FINITE_BITS:
-            bad += 1
-            continue
-        sm, dm = _scale(am)
-        sv, dv = _scale(av)
-        sw, dw = _scale(aw)
-        inv_v = np.float32(255.0) / dv
-        inv_w = np.float32(255.0) / dw
-        for j in range(_CB):
-            p[lo + j] = _apply(p[lo + j], mb[j], wb[j], k)
-            mc[lo + j] = _cmp_code_m(mb[j], dm)
-            vc[lo + j] = _cmp_code_root(rb[j] * inv_v)
-            wc[lo + j] = _cmp_code_root(wb[j] * inv_w)
-        ms[b] = sm
-        vs[b] = sv
-        ws[b] = sw
-    return bad
+def _companded_kernel(block: int, vector_bits: int | None = _CMP_VECTOR_BITS) -> Callable[..., int]:
+    """The companded step over whole blocks of ``block`` elements, compiled for that block
+    (``vector_bits``: see ``numba_cpu._jit``; ``benchmarks/kernel_variants.py`` builds others).
+
+    ``blocks(p, g, mc, ms, vc, vs, wc, ws, amsgrad, k)`` with ``p.size == ms.size * block``
+    returns how many blocks were left unchanged for non-finite moments.  The block length is a
+    closure constant, so each block size gets its own fully vectorised loops.  Each variant's
+    functions get their own qualified name, hence their own entries in numba's on-disk cache
+    (which knows a function by its name and code, not by the compiler options).
+    """
+    tag = f"{block}_{vector_bits}"
+
+    def jit(fn: Callable[..., Any], bits: int | None = vector_bits) -> Callable[..., Any]:
+        fn.__qualname__ = f"_companded_kernel.{fn.__name__}_{tag}"
+        return _jit(vector_bits=bits)(fn)
+
+    @jit
+    def span(p, g, mc, ms, vc, vs, k, mb, rb):
+        bad = 0
+        for b in range(ms.size):
+            lo = b * block
+            _prefetch_block(p, g, mc, vc, lo, block)
+            sm = ms[b]
+            sv = vs[b] * np.float32(1.0 / 255.0)
+            am = av = np.int32(0)
+            for j in range(block):
+                mi, ri = _cmp_new(p[lo + j], g[lo + j], mc[lo + j], vc[lo + j], sm, sv, k)
+                mb[j] = mi
+                rb[j] = ri
+                am = max(am, _abs_bits(mi))
+                av = max(av, _abs_bits(ri))
+            if max(am, av) > _MAX_FINITE_BITS:
+                bad += 1  # int8 cannot hold NaN/inf: leave the whole block as it was
+                continue
+            sm, dm = _scale(am)
+            sv, dv = _scale(av)
+            inv_v = np.float32(255.0) / dv
+            for j in range(block):
+                p[lo + j] = _apply(p[lo + j], mb[j], rb[j], k)
+                mc[lo + j] = _cmp_code_m(mb[j], dm)
+                vc[lo + j] = _cmp_code_root(rb[j] * inv_v)
+            ms[b] = sm
+            vs[b] = sv
+        return bad
+
+    # AMSGrad: the stored ``sqrt(v_max)`` becomes ``max(sqrt(v_max), sqrt(v))`` (=
+    # ``sqrt(max(v_max, v))``: the root is monotone).  A second span, not a run-time branch,
+    # which would stay in the loop.
+    @jit
+    def span_ams(p, g, mc, ms, vc, vs, wc, ws, k, mb, rb, wb):
+        bad = 0
+        for b in range(ms.size):
+            lo = b * block
+            _prefetch_block(p, g, mc, vc, lo, block)
+            _prefetch(wc, lo + _PREFETCH_AHEAD)  # the v_max codes: a line holds 64
+            sm = ms[b]
+            sv = vs[b] * np.float32(1.0 / 255.0)
+            sw = ws[b] * np.float32(1.0 / 255.0)
+            am = av = aw = np.int32(0)
+            for j in range(block):
+                mi, ri = _cmp_new(p[lo + j], g[lo + j], mc[lo + j], vc[lo + j], sm, sv, k)
+                wi = _max_nan(np.float32(wc[lo + j]) * sw, ri)
+                mb[j] = mi
+                rb[j] = ri
+                wb[j] = wi
+                am = max(am, _abs_bits(mi))
+                av = max(av, _abs_bits(ri))
+                aw = max(aw, _abs_bits(wi))
+            if max(am, max(av, aw)) > _MAX_FINITE_BITS:
+                bad += 1
+                continue
+            sm, dm = _scale(am)
+            sv, dv = _scale(av)
+            sw, dw = _scale(aw)
+            inv_v = np.float32(255.0) / dv
+            inv_w = np.float32(255.0) / dw
+            for j in range(block):
+                p[lo + j] = _apply(p[lo + j], mb[j], wb[j], k)
+                mc[lo + j] = _cmp_code_m(mb[j], dm)
+                vc[lo + j] = _cmp_code_root(rb[j] * inv_v)
+                wc[lo + j] = _cmp_code_root(wb[j] * inv_w)
+            ms[b] = sm
+            vs[b] = sv
+            ws[b] = sw
+        return bad
+
+    def blocks(p, g, mc, ms, vc, vs, wc, ws, amsgrad, k):
+        mb = np.empty(block, np.float32)  # buffers of this thread
+        rb = np.empty(block, np.float32)
+        if amsgrad:
+            wb = np.empty(block, np.float32)
+            return span_ams(p, g, mc, ms, vc, vs, wc, ws, k, mb, rb, wb)
+        return span(p, g, mc, ms, vc, vs, k, mb, rb)
+
+    return jit(blocks, None)
 
 
-@_jit()
-def _cmp_blocks(p, g, mc, ms, vc, vs, wc, ws, amsgrad, k):
-    """Whole blocks (``p.size == ms.size * block``) with buffers of this thread."""
-    mb = np.empty(_CB, np.float32)
-    rb = np.empty(_CB, np.float32)
-    if amsgrad:
-        wb = np.empty(_CB, np.float32)
-        return _cmp_span_ams(p, g, mc, ms, vc, vs, wc, ws, k, mb, rb, wb)
-    return _cmp_span(p, g, mc, ms, vc, vs, k, mb, rb)
+_cmp_blocks = _companded_kernel(_CB, _CMP_VECTOR_BITS)
+_cmp64_blocks = _companded_kernel(_CB64, None)
 
 
 # -- dynamic-map int8 codes (int8_blockwise) -------------------------------------------------
@@ -695,6 +831,7 @@ def _bw_span(p, g, mc, ms, vc, vs, k, mb, rb):
     bad = 0
     for b in range(ms.size):
         lo = b * _BB
+        _prefetch_block(p, g, mc, vc, lo, _BB)
         sm = ms[b]
         sv = vs[b]
         am = av = np.int32(0)
@@ -724,6 +861,9 @@ def _bw_span_ams(p, g, mc, ms, vc, vs, wc, ws, k, mb, rb, wb):
     bad = 0
     for b in range(ms.size):
         lo = b * _BB
+        _prefetch_block(p, g, mc, vc, lo, _BB)
+        for q in range(0, _BB, 64):  # the v_max codes
+            _prefetch(wc, lo + _PREFETCH_AHEAD + q)
         sm = ms[b]
         sv = vs[b]
         sw = ws[b]
@@ -766,7 +906,7 @@ def _bw_blocks(p, g, mc, ms, vc, vs, wc, ws, amsgrad, k):
 
 # -- 8-bit codes: threads, partial blocks ----------------------------------------------------------
 
-_COMPANDED, _BLOCKWISE = 0, 1  # ``kind`` of the 8-bit kernels
+_COMPANDED, _BLOCKWISE, _COMPANDED64 = 0, 1, 2  # ``kind`` of the 8-bit kernels
 
 
 @_jit(inline="always")
@@ -774,6 +914,8 @@ def _q_layout(kind):
     """``(block, code of 0 for m, code of 0 for sqrt(v))`` of a kind of 8-bit code."""
     if kind == _COMPANDED:
         return _CB, 0, 0
+    if kind == _COMPANDED64:
+        return _CB64, 0, 0
     return _BB, _ZERO_SIGNED, _ZERO_UNSIGNED
 
 
@@ -781,6 +923,8 @@ def _q_layout(kind):
 def _q_blocks(kind, p, g, mc, ms, vc, vs, wc, ws, amsgrad, k):
     if kind == _COMPANDED:
         return _cmp_blocks(p, g, mc, ms, vc, vs, wc, ws, amsgrad, k)
+    if kind == _COMPANDED64:
+        return _cmp64_blocks(p, g, mc, ms, vc, vs, wc, ws, amsgrad, k)
     return _bw_blocks(p, g, mc, ms, vc, vs, wc, ws, amsgrad, k)
 
 
@@ -919,22 +1063,25 @@ def _coefficients(hp: AdamHyperParams, step: int, dtype: np.dtype) -> tuple[np.n
     return cp, c32
 
 
-# codec -> (kind of kernel, block it is compiled for)
-_QUANTIZED = {int8_companded: (_COMPANDED, _CB), int8_blockwise: (_BLOCKWISE, _BB)}
+# (codec, block) -> the kind of kernel compiled for it
+_QUANTIZED = {
+    (int8_companded, _CB): _COMPANDED,
+    (int8_companded, _CB64): _COMPANDED64,
+    (int8_blockwise, _BB): _BLOCKWISE,
+}
 
 
 def supports(fmt: Any) -> bool:
     """True when ``fmt`` has a fused kernel here: ``bf16`` (either rounding), dense ``fp32``
     moments, and the 8-bit formats with nearest rounding, ``sqrt(v)`` stored and their codec's
-    default block (companded 32: ``"int8-companded"``; dynamic map 256: ``"int8"``).
+    block of a compiled kernel (companded 32: ``"int8-companded"``, companded 64:
+    ``"int8-companded-64"``; dynamic map 256: ``"int8"``).
     (``"native"`` state is the plain kernel's, :mod:`adamkit.kernels.numba_cpu`.)"""
     if isinstance(fmt, Bf16Format):
         return True
     if isinstance(fmt, QuantizedFormat):
-        entry = _QUANTIZED.get(fmt.codec)
         return (
-            entry is not None
-            and fmt.block == entry[1]
+            (fmt.codec, fmt.block) in _QUANTIZED
             and fmt.rounding == "nearest"
             and fmt.sqrt_second_moment
         )
@@ -960,6 +1107,21 @@ def _flat(a: Any, dtype: np.dtype, size: int) -> np.ndarray | None:
 
 
 _U16 = np.dtype(np.uint16)
+_NO_KEY = np.uint64(0)
+_MASK32 = 0xFFFFFFFF
+
+
+def _shift_keys(key: Any, key2: Any, offset: int) -> tuple[np.uint64, np.uint64]:
+    """The kernel keys of a parameter whose element 0 is element ``offset`` of the whole tensor:
+    each 32-bit key (``m``: low half of ``key``, ``v``: high half, ``v_max``: ``key2``) plus
+    ``offset * G`` mod 2**32, as ``_weyl_keys`` folds a chunk's offset (in Python integers)."""
+    shift = offset * WEYL_MULTIPLIER
+    key = int(key)
+    low = (key + shift) & _MASK32
+    high = ((key >> 32) + shift) & _MASK32
+    return np.uint64(low | high << 32), np.uint64((int(key2) + shift) & _MASK32)
+
+
 _CODE_DTYPES = {
     (codec, signed): np.dtype(codec.code_dtype(signed))
     for codec in (int8_companded, int8_blockwise)
@@ -1054,16 +1216,21 @@ def adam_update_stored_(
     *,
     rng: np.random.Generator | None = None,
     fallback: Callable[..., None] | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """One Adam step per parameter, in place, with moments kept in ``fmt``'s storages.
 
     The contract of :func:`adamkit.kernels.adam_update_` with :class:`Storage` moments:
     ``steps[i]`` is the 1-based update index, ``max_exp_avg_sqs[i]`` a storage exactly when
     ``hp.amsgrad`` (``ValueError`` otherwise), ``grads`` are only read.  ``rng`` is required
-    when ``fmt.needs_rng`` (``TypeError`` otherwise); one 64-bit key per parameter is drawn from
-    it per call (see the module docstring).  Parameters for which :func:`qualifies` is false go
-    to ``fallback(fmt, param, grad, m, v, v_max, step, hp, rng)``; without one, ``TypeError``
-    naming the first of them.  These errors are raised before anything is modified.
+    when ``fmt.needs_rng`` (``TypeError`` otherwise); when some parameter takes a fused kernel,
+    one 64-bit key per parameter (two with AMSGrad) is drawn from it, in parameter order (see
+    the module docstring).  ``offsets[i]`` (default 0, ``ValueError`` unless one int >= 0 per
+    parameter): the flat index of ``params[i]``'s first element in the whole tensor of which it
+    is a contiguous part (a shard); the rounding noise is indexed by that global position.
+    Parameters for which :func:`qualifies` is false go to ``fallback(fmt, param, grad, m, v,
+    v_max, step, hp, rng)``; without one, ``TypeError`` naming the first of them.  These errors
+    are raised before anything is modified.
     ``ValueError`` after a parameter's pass when some of its int8 blocks got non-finite moments
     (those blocks unchanged, see the module docstring; later parameters are not updated).
     """
@@ -1074,6 +1241,14 @@ def adam_update_stored_(
             raise ValueError(
                 f"max_exp_avg_sqs[{index}] must be a storage exactly when amsgrad=True "
                 f"(amsgrad={amsgrad})"
+            )
+    if offsets is not None:
+        offsets = list(offsets)
+        if len(offsets) != len(rows) or not all(
+            isinstance(o, int | np.integer) and not isinstance(o, bool) and o >= 0 for o in offsets
+        ):
+            raise ValueError(
+                f"offsets must hold one int >= 0 per parameter ({len(rows)}), got {offsets!r}"
             )
     stochastic = bool(getattr(fmt, "needs_rng", False))
     if stochastic and not isinstance(rng, np.random.Generator):
@@ -1090,10 +1265,11 @@ def adam_update_stored_(
                     f"{getattr(fmt, 'name', fmt)!r} (needs C-contiguous float32/float64 arrays "
                     "of one shape and dtype and storages made by this format for that shape)"
                 )
-    # One 64-bit key per parameter, raw from the generator's bit stream (``integers`` costs
-    # several microseconds a call, more than a small tensor's whole update).
+    # One 64-bit key per parameter (two with AMSGrad, interleaved), raw from the generator's bit
+    # stream (``integers`` costs several microseconds a call, more than a small tensor's update).
+    per = 2 if amsgrad else 1
     keys = (
-        rng.bit_generator.random_raw(len(rows))
+        rng.bit_generator.random_raw(len(rows) * per)
         if stochastic and any(v is not None for v in views)
         else None
     )
@@ -1116,13 +1292,18 @@ def adam_update_stored_(
             kernel(p, g, m[0], v[0], wv, amsgrad, *coef)
         elif encoding == "bf16":
             wv = w[0] if amsgrad else m[0][:0]
-            key = np.uint64(0) if keys is None else keys[index]
+            key = key2 = _NO_KEY
+            if keys is not None:
+                key = keys[index * per]
+                key2 = keys[index * per + 1] if amsgrad else key
+                if offsets is not None and offsets[index]:
+                    key, key2 = _shift_keys(key, key2, int(offsets[index]))
             kernel = _bf16_parallel if parallel else _bf16_serial
-            kernel(p, g, m[0], v[0], wv, amsgrad, *coef, stochastic, key)
+            kernel(p, g, m[0], v[0], wv, amsgrad, *coef, stochastic, key, key2)
         else:
             wc, ws = w if amsgrad else (v[0][:0], v[1][:0])
             kernel = _q_parallel if parallel else _q_serial
-            bad = kernel(_QUANTIZED[fmt.codec][0], p, g, *m, *v, wc, ws, amsgrad, *coef)
+            bad = kernel(_QUANTIZED[fmt.codec, fmt.block], p, g, *m, *v, wc, ws, amsgrad, *coef)
             if bad:
                 raise ValueError(
                     f"parameter {index}: {bad} block(s) of {fmt.block} got non-finite moments, "

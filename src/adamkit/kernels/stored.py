@@ -41,6 +41,14 @@ divergence, Dettmers et al. 2021, and norms and biases cost nothing to keep exac
 
 ``bf16`` and ``fp32`` apply to every parameter.
 
+Shards (FSDP2): the update of a contiguous flat part of a larger parameter takes
+``rng=ShardRng(generator, offset)`` (one parameter per call): the fused kernel then draws the
+parameter's key from ``generator`` as a one-process call draws it and indexes its bf16 rounding
+noise by global element position (``offset + i``), so every shard rounds with exactly the bits
+the whole tensor gets in one process.  The plain path, a fallback and :func:`update_through_`
+round with the generator's stream instead, which cannot be indexed: they get a generator of the
+shard's own (:meth:`ShardRng.generator`), so shards agree with one process only in distribution.
+
 Non-finite values: ``int8`` codes cannot hold NaN or inf (:func:`holds_non_finite`).  The plain
 path checks before it writes anything of a parameter and raises ``ValueError``; the fused kernel
 raises after the parameter's pass (see :mod:`adamkit.kernels.numba_formats`).  Front ends skip
@@ -49,6 +57,7 @@ non-finite steps before this point (the guard's non-finite check, or a check of 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -65,6 +74,7 @@ __all__ = [
     "SENSITIVE_NAME_PARTS",
     "SENSITIVE_NAME_SEGMENTS",
     "SENSITIVE_STATE",
+    "ShardRng",
     "adam_update_stored_",
     "all_finite",
     "check_state",
@@ -90,6 +100,51 @@ SENSITIVE_NAME_SEGMENTS: frozenset[str] = frozenset({"wte", "wpe"})
 _ROLES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _NOT_LOADED = object()
 _fused_module: ModuleType | object | None = _NOT_LOADED
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardRng:
+    """Stochastic rounding for one parameter that is the contiguous flat range starting at
+    element ``offset`` of a larger tensor (a local shard under FSDP2): ``parent`` is the generator
+    a one-process run would use for the whole tensor (the same state on every rank).
+
+    Each use draws exactly one 64-bit word of ``parent`` for the parameter (two for the fused
+    kernel with AMSGrad), as a one-process update draws it, whatever the shard's size, so
+    ``parent`` advances alike on every rank.  Pass it as ``rng`` to :func:`adam_update_stored_`
+    and :func:`update_through_`, or to ``adamkit.torch.formats.round_to_bf16_``.
+    ``ValueError`` for a negative ``offset``, ``TypeError`` unless ``parent`` is a
+    ``numpy.random.Generator``.
+    """
+
+    parent: np.random.Generator
+    offset: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.parent, np.random.Generator):
+            raise TypeError(
+                f"parent must be a numpy.random.Generator, got {type(self.parent).__name__}"
+            )
+        if isinstance(self.offset, bool) or not isinstance(self.offset, int | np.integer):
+            raise TypeError(f"offset must be an int, got {type(self.offset).__name__}")
+        if self.offset < 0:
+            raise ValueError(f"offset must be >= 0, got {self.offset}")
+
+    def key(self) -> int:
+        """One raw 64-bit word of ``parent``: the key of an indexed rounding of the shard."""
+        return int(self.parent.bit_generator.random_raw())
+
+    def generator(self) -> np.random.Generator:
+        """A generator of the shard's own for rounding by stream (the plain path): seeded by one
+        word of ``parent`` and ``offset``, so shards draw different bits."""
+        return np.random.default_rng([self.key(), int(self.offset)])
+
+
+def _stream_rng(fmt: StateFormat, rng: Any) -> Any:
+    # The generator that rounds by stream (fmt.store): a shard's own, drawn only when the format
+    # rounds stochastically (a draw otherwise would advance the parent unlike one process's).
+    if isinstance(rng, ShardRng):
+        return rng.generator() if fmt.needs_rng else None
+    return rng
 
 
 def _load_fused() -> ModuleType | None:
@@ -247,10 +302,10 @@ def _check_rows(
                 f"max_exp_avg_sqs[{index}] must be a storage exactly when amsgrad=True "
                 f"(amsgrad={hp.amsgrad})"
             )
-    if fmt.needs_rng and not isinstance(rng, np.random.Generator):
+    if fmt.needs_rng and not isinstance(rng, np.random.Generator | ShardRng):
         raise TypeError(
             f"{fmt.name!r} state rounds stochastically: the update needs "
-            f"rng=numpy.random.Generator, got {type(rng).__name__}"
+            f"rng=numpy.random.Generator (or a ShardRng), got {type(rng).__name__}"
         )
 
 
@@ -272,17 +327,25 @@ def adam_update_stored_(
     The contract of :func:`adamkit.kernels.adam_update_` with :class:`~adamkit.formats.Storage`
     moments made by ``fmt`` for each parameter's shape: ``steps[i]`` is the 1-based update index,
     ``max_exp_avg_sqs[i]`` a storage exactly when ``hp.amsgrad`` (``ValueError`` otherwise),
-    ``grads`` are only read, ``rng`` is required when ``fmt.needs_rng`` (``TypeError``).  ``impl``
-    as in the module docstring.  These errors come before anything is modified; a non-finite
-    moment under ``int8`` raises ``ValueError`` (see the module docstring for what was written).
+    ``grads`` are only read, ``rng`` (a generator, or a :class:`ShardRng` for a single shard:
+    ``ValueError`` with several parameters) is required when ``fmt.needs_rng`` (``TypeError``).
+    ``impl`` as in the module docstring.  These errors come before anything is modified; a
+    non-finite moment under ``int8`` raises ``ValueError`` (see the module docstring for what was
+    written).
     """
     chosen = resolve_stored_impl(impl, fmt)
     _check_rows(fmt, max_exp_avg_sqs, hp, rng)
     rows = list(zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, strict=True))
+    shard = rng if isinstance(rng, ShardRng) else None
+    if shard is not None and len(rows) != 1:
+        raise ValueError(f"a ShardRng rounds the shard of one parameter, got {len(rows)}")
     if chosen == "reference":
         for row in rows:
-            plain_step_(fmt, *row, hp, rng)
+            plain_step_(fmt, *row, hp, _stream_rng(fmt, rng))
         return
+    fallback: Callable[..., None] | None = None
+    if impl == "auto":
+        fallback = plain_step_ if shard is None else _shard_fallback(shard)
     _load_fused().adam_update_stored_(  # type: ignore[union-attr]
         fmt,
         params,
@@ -292,9 +355,18 @@ def adam_update_stored_(
         max_exp_avg_sqs,
         steps,
         hp,
-        rng=rng,
-        fallback=plain_step_ if impl == "auto" else None,
+        rng=rng if shard is None else shard.parent,
+        fallback=fallback,
+        offsets=None if shard is None else [shard.offset],
     )
+
+
+def _shard_fallback(shard: ShardRng) -> Callable[..., None]:
+    def fallback(fmt: StateFormat, *row: Any) -> None:
+        # row: param, grad, m, v, v_max, step, hp, and the parent generator (not used)
+        plain_step_(fmt, *row[:-1], _stream_rng(fmt, shard))
+
+    return fallback
 
 
 def update_through_(
@@ -318,9 +390,11 @@ def update_through_(
     :func:`adamkit.guard.clipped_adam_update_` with its clipping options); its return value is
     returned.  It runs on copies of the parameters, which are written back only when every moment
     could be stored, so a ``ValueError`` for non-finite ``int8`` moments changes nothing.  Other
-    arguments as :func:`adam_update_stored_`.
+    arguments as :func:`adam_update_stored_` (a :class:`ShardRng` rounds with a generator of the
+    shard's own, see the module docstring).
     """
     _check_rows(fmt, max_exp_avg_sqs, hp, rng)
+    rng = _stream_rng(fmt, rng)
     work = [np.array(p, copy=True) for p in params]
     ms = [np.array(fmt.load(s), copy=True) for s in exp_avgs]
     vs = [np.array(fmt.load(s), copy=True) for s in exp_avg_sqs]

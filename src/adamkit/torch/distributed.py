@@ -240,8 +240,8 @@ def _snapshot_layout(state: dict[str, Any]) -> dict[str, Any]:
 def _rng_state(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
     # The generator behind stochastic rounding (bf16 state, param_rounding="stochastic"), which
     # get_state_dict drops with every top-level key but "state" and "param_groups".  Its state is
-    # the same on every rank (shards round with generators drawn from it, adamkit.torch.formats
-    # shard_rng), so DCP may keep any rank's copy.
+    # the same on every rank (shards draw their rounding keys from it,
+    # adamkit.torch.formats.shard_rng), so DCP may keep any rank's copy.
     from adamkit.torch.formats import uses_rng
 
     rng = getattr(optimizer, "_format_rng", None)

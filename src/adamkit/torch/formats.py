@@ -39,18 +39,29 @@ target's.
 
 FSDP2 (DTensor parameters, see the section "DTensor parameters" below): the format is chosen on
 the whole parameter's shape, the moments are DTensors laid out like the parameter and int8 block
-scales are plain per-rank tensors over the local shard; ``state_dict()`` writes the
-single-process layout (a collective then), so checkpoints do not depend on the number of ranks.
-A sharded run equals the single-process run bit for bit with torch's layout, ``fp32`` and
-block-aligned ``int8`` shards; ``bf16`` shards round with bits of their own (:func:`shard_rng`:
-indexing one stream by global element position would need the rounding kernels to take an
-offset), so they match in distribution only.
+scales are plain per-rank tensors, those of the whole tensor's blocks that overlap the local
+shard (:mod:`adamkit.torch.sharded_blocks`); ``state_dict()`` writes the single-process layout
+(a collective then), so checkpoints do not depend on the number of ranks.  A sharded run equals
+the single-process run bit for bit with torch's layout, ``fp32``, ``int8`` (blocks that straddle
+shards included: one ``all_reduce(MAX)`` per step agrees on their scales; the companded code's
+fused kernel within its kernel-vs-plain tolerance) and ``bf16`` state: every rank draws the
+same key per parameter from the optimizer's generator (rank 0's seed, :func:`new_rng`), in the
+order one process draws them, and the fused bf16 kernel indexes its rounding noise by global
+element position (:func:`shard_rng`), so each shard rounds with the bits one process uses for
+those elements; :func:`round_to_bf16_` (``param_rounding="stochastic"``) does the same for
+bfloat16 parameters.  This holds when every parameter of the group is sharded (FSDP2 shards
+them all): a plain parameter in a group of DTensors draws its key at another point of the
+sequence.  Not bit for bit: bf16 state through the plain path (``impl="reference"``, no numba,
+update clipping), whose rounding follows a generator's stream, so each shard draws from a
+generator of its own and the run matches one process in distribution only; likewise a shard
+that is no flat range of the whole tensor.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -62,7 +73,19 @@ from torch import Tensor
 
 from adamkit.formats import FORMATS, QuantizedFormat, StateFormat, Storage, bf16, get_format
 from adamkit.formats.base import SIGNED_ROLES, STATE_DICT_VERSION
-from adamkit.kernels.stored import check_state, resolve_stored_impl
+from adamkit.kernels.stored import ShardRng, check_state, resolve_stored_impl
+from adamkit.torch.sharded_blocks import (
+    BlockSplit,
+    SpanRow,
+    SpanStorage,
+    all_reduce_max,
+    block_split,
+    partial_peaks,
+    shard_ranges,
+    span_load,
+    span_store,
+    straddling_blocks,
+)
 
 __all__ = [
     "FORMAT_KEY",
@@ -218,7 +241,12 @@ def _zero_moment(fmt: StateFormat, role: str, param: Tensor) -> dict[str, Tensor
         shape = tuple(param.shape)
         return _tensors_of(fmt.zeros(shape, np.float32, role=role), shape)
     local = tuple(param.to_local().shape)
-    out = _tensors_of(shard_format(fmt, tuple(param.shape)).zeros(local, role=role), local)
+    fmt = shard_format(fmt, tuple(param.shape))
+    out = _tensors_of(fmt.zeros(local, role=role), local)
+    if scale_key(role) in out:
+        # The span layout: the scales of the whole-tensor blocks that overlap the shard.
+        split = shard_split(param, fmt)  # type: ignore[arg-type]
+        out[scale_key(role)] = torch.zeros(split.j1 - split.j0, dtype=torch.float32)
     out[role] = as_dtensor(out[role], param)
     return out
 
@@ -260,7 +288,12 @@ def _host_array(t: Tensor) -> np.ndarray:
 
 
 def _saved_storage(
-    fmt: StateFormat, state: Mapping[str, Any], role: str, shape: tuple[int, ...], where: str
+    fmt: StateFormat,
+    state: Mapping[str, Any],
+    role: str,
+    shape: tuple[int, ...],
+    where: str,
+    split: BlockSplit | None = None,
 ) -> Storage:
     value = state[role]
     scale = state.get(scale_key(role))
@@ -271,6 +304,8 @@ def _saved_storage(
         raise ValueError(
             f"{where}: {role} has shape {tuple(value.shape)}, the parameter has {shape}"
         )
+    if scale is not None and split is not None and isinstance(fmt, QuantizedFormat):
+        return _saved_span_storage(fmt, value, scale, role, shape, where, split)
     header: dict[str, Any] = {}
     if scale is not None:
         encoding = fmt.name
@@ -296,6 +331,57 @@ def _saved_storage(
         raise ValueError(f"{where}: {role}: {error}") from None
 
 
+def _saved_span_storage(
+    fmt: QuantizedFormat,
+    value: Tensor,
+    scale: Tensor,
+    role: str,
+    shape: tuple[int, ...],
+    where: str,
+    split: BlockSplit,
+) -> SpanStorage:
+    # A shard's codes with the scales of its whole-tensor blocks (the span layout): checked as
+    # the codes of the span padded with the code of 0, by the format's own validation.
+    signed = role in SIGNED_ROLES
+    codes = _host_array(value).reshape(-1)
+    length = (split.j1 - split.j0) * fmt.block
+    span = np.full(length, fmt.codec.zero_code(signed), dtype=codes.dtype)
+    span[split.start : split.start + split.size] = codes
+    saved = {
+        "format": fmt.name,
+        "version": STATE_DICT_VERSION,
+        "encoding": fmt.name,
+        "role": role,
+        "shape": [length],
+        "block": fmt.block,
+        "sqrt_second_moment": fmt.sqrt_second_moment,
+        "codes": span,
+        "scales": _host_array(scale),
+    }
+    try:
+        checked = fmt.from_state_dict(saved, (length,))
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"{where}: {role}: {error} (a shard's codes with the scales of the whole-tensor "
+            f"blocks {split.j0} .. {split.j1 - 1} that overlap it)"
+        ) from None
+    arrays = {
+        "codes": np.ascontiguousarray(
+            checked.arrays["codes"][split.start : split.start + split.size]
+        ),
+        "scales": checked.arrays["scales"],
+    }
+    return SpanStorage(fmt.name, fmt.name, role, shape, arrays, fmt.block, split=split)
+
+
+class ShardEntry(dict):
+    """A saved entry of a DTensor parameter's shard (:func:`local_saved_entry`): a dict of
+    plain tensors, with the shard's :class:`ShardLayout` as ``layout`` so that
+    :func:`parse_entry` can check block scales in the span layout."""
+
+    layout: ShardLayout | None = None
+
+
 def parse_entry(
     state: Any,
     shape: tuple[int, ...],
@@ -303,6 +389,7 @@ def parse_entry(
     amsgrad: bool,
     where: str,
     global_shape: tuple[int, ...] | None = None,
+    layout: ShardLayout | None = None,
 ) -> ParsedEntry | None:
     """Validate one saved per-parameter entry for a parameter of ``shape`` and ``dtype``.
 
@@ -316,7 +403,10 @@ def parse_entry(
     prefixed by ``where``; copies what it keeps and modifies nothing.  ``global_shape``: for the
     local shard of a DTensor parameter (``shape`` is then the shard's), the whole parameter's
     shape, which decides the encoding (see :func:`shard_format`); the entry then holds plain
-    tensors of the shard (:func:`local_saved_entry`).
+    tensors of the shard (:func:`local_saved_entry`), block-quantized moments in the span
+    layout (the scales of the whole-tensor blocks that overlap the shard, see the section
+    "DTensor parameters") when the shard's ``layout`` is given (or ``state`` is a
+    :class:`ShardEntry`); they are then :class:`~adamkit.torch.sharded_blocks.SpanStorage`.
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"{where}: state must be a dict, got {type(state).__name__}")
@@ -351,21 +441,30 @@ def parse_entry(
     extra = sorted(map(str, set(state) - allowed))
     if extra:
         raise ValueError(f"{where}: unexpected entries {extra} in {name!r} state")
-    storages = {role: _saved_storage(fmt, state, role, shape, where) for role in roles}
+    if layout is None and global_shape is not None:
+        layout = getattr(state, "layout", None)
+    split = None
+    if layout is not None and isinstance(fmt, QuantizedFormat) and layout.flat_offset is not None:
+        split = block_split(layout.flat_offset, layout.local_size, layout.size, fmt.block)
+    storages = {role: _saved_storage(fmt, state, role, shape, where, split) for role in roles}
     return ParsedEntry(name, state["step"], storages)  # type: ignore[arg-type]
 
 
 def parse_live_entry(state: Mapping[str, Any], param: Tensor, where: str) -> ParsedEntry | None:
     """:func:`parse_entry` for ``param``'s own live state (a DTensor's: its local shard, block
-    scales over the shard), whatever its dtypes."""
+    scales in the span layout), whatever its dtypes."""
     if is_dtensor(param):
         local = tuple(param.to_local().shape)
-        return parse_entry(local_tensors(state), local, None, False, where, tuple(param.shape))
+        return parse_entry(
+            local_tensors(state), local, None, False, where, tuple(param.shape), shard_layout(param)
+        )
     return parse_entry(state, tuple(param.shape), None, False, where)
 
 
 def _values(entry: ParsedEntry, role: str) -> np.ndarray:
     source = entry.moments[role]
+    if isinstance(source, SpanStorage):
+        return span_load(FORMATS[entry.format], source)  # type: ignore[arg-type, index]
     if isinstance(source, Storage):
         return FORMATS[entry.format].load(source)  # type: ignore[index]
     return _host_array(source)
@@ -390,6 +489,12 @@ def convert_entry(
     if is_dtensor(param):
         local = param.to_local()
         target_local = None if target is None else shard_format(target, tuple(param.shape))
+        if (
+            isinstance(target_local, QuantizedFormat)
+            and entry.format != target_local.name
+            and math.prod(param.shape) >= target_local.min_size
+        ):
+            return _convert_to_span(entry, param, target_local, step)
         out = convert_entry(entry, local, target_local, step, rng)
         for role in ROLES:
             if role in out:
@@ -422,6 +527,30 @@ def convert_entry(
     return out
 
 
+def _convert_to_span(
+    entry: ParsedEntry, param: Tensor, target: QuantizedFormat, step: Tensor
+) -> dict[str, Any]:
+    # Quantize the shard's moments into the span layout: blocks that straddle shards take the
+    # whole block's maximum (one small all_reduce per moment; every rank converts the same
+    # entries in the same order, as load_state_dict and the step do).
+    split = shard_split(param, target)
+    out: dict[str, Any] = {"step": step, FORMAT_KEY: target.name}
+    for role in ROLES:
+        if role not in entry.moments:
+            continue
+        values = np.asarray(_values(entry, role), dtype=np.float32)
+        peaks = _span_peaks(param, target, role, values, split)
+        try:
+            codes, scales = span_store(target, role, values, split, peaks)
+        except ValueError as error:
+            raise ValueError(f"cannot convert {role} to {target.name!r} state: {error}") from None
+        out[role] = as_dtensor(
+            torch.from_numpy(np.ascontiguousarray(codes)).reshape(param.to_local().shape), param
+        )
+        out[scale_key(role)] = torch.from_numpy(np.ascontiguousarray(scales))
+    return out
+
+
 def dense_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of an adamkit state dict in torch's layout: every compressed entry decoded to
     float32 tensors under torch's keys (``state_format`` and scales dropped).
@@ -449,23 +578,25 @@ def dense_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 # -- DTensor parameters (FSDP2): local shards, and the state dict's whole-tensor layout ----------
 #
 # The step is elementwise, so a DTensor parameter is updated through its local shard: its moments
-# are DTensors laid out like it (codes, bf16 bits and float32 moments have the parameter's shape),
-# and block-quantized moments keep their block scales over the *local* shard, as a plain tensor of
-# ceil(local size / block) scales per rank.  Which format a parameter gets is decided on the whole
-# (global) shape, so every rank agrees and the choice is the single-process one; a local shard
-# below a quantized format's size threshold is quantized all the same (shard_format).
+# are DTensors laid out like it (codes, bf16 bits and float32 moments have the parameter's shape).
+# Block-quantized moments keep the scales of the *whole tensor's* blocks j0 .. j1 - 1 that overlap
+# the local flat range [o, o + n) (block j covers flat elements [j * block, (j + 1) * block)), as
+# a plain tensor of j1 - j0 scales per rank: the span layout of adamkit.torch.sharded_blocks.  A
+# block that straddles two shards has its scale on both ranks, equal, so every element has one
+# process's code and scale.  The step agrees on those scales by one all_reduce(MAX) of the
+# straddling blocks' partial maxima (span_row, sharded_blocks.update_spans_); converting into
+# such a format likewise (_convert_to_span).  Which format a parameter gets is decided on the
+# whole (global) shape, so every rank agrees and the choice is the single-process one; a local
+# shard below a quantized format's size threshold is quantized all the same (shard_format).
 #
 # The per-rank scales are no DTensor (DTensor shards follow torch.chunk, per-rank block counts do
 # not), so state_dict() writes the single-process layout instead (export_state_dict): codes as a
-# DTensor like the parameter and the scales of the whole tensor's blocks, block j covering flat
-# elements [j * block, (j + 1) * block), as a plain tensor equal on every rank.  That makes the
-# state dict independent of the number of ranks (DCP reshards it to any world size) and equal to
-# the single-process one.  A local shard is *block-aligned* when it is a flat range [o, o + n) of
-# the whole tensor with o a multiple of the block and n too (or the range reaching the end):
-# its blocks are then whole-tensor blocks, and both directions are exact.  For dim-0 sharding of
-# an (R, C) tensor that is rows_per_shard * C a multiple of 256 on every rank but the last.
-# Otherwise the blocks that straddle shards are re-quantized (decode, then encode with the other
-# blocks), at most half a code gap of the new block's maximum per value each way.
+# DTensor like the parameter and the scales of all the whole tensor's blocks as a plain tensor
+# equal on every rank.  That makes the state dict independent of the number of ranks (DCP
+# reshards it to any world size) and equal to the single-process one.  Both directions are exact
+# slices (_whole_blocks, _shard_blocks), whether or not a shard is *block-aligned* (o and n
+# multiples of the block, or the range reaching the end: then j1 - j0 = ceil(n / block) and the
+# span's blocks are the shard's own).
 
 
 def dtensor_type() -> type | None:
@@ -578,45 +709,110 @@ def check_shard_layout(p: Tensor, fmt: StateFormat, where: str) -> None:
         )
 
 
-def shard_rng(rng: np.random.Generator, p: Tensor) -> np.random.Generator:
-    """The generator that rounds the local shard of the DTensor ``p`` for one step: seeded by one
-    draw of ``rng`` (so ``rng`` advances alike on every rank, whatever the shard sizes) and the
-    shard's offset (shards draw different bits, replicas of a shard the same)."""
+def shard_rng(rng: np.random.Generator, p: Tensor) -> ShardRng | np.random.Generator:
+    """What rounds the local shard of the DTensor ``p`` for one step, given the optimizer's
+    generator ``rng`` (the same state on every rank: rank 0's seed, see :func:`new_rng`).
+
+    A shard that is one flat range of the whole tensor (sharded along dim 0, as FSDP2 does):
+    a :class:`~adamkit.kernels.stored.ShardRng` of ``rng`` and the range's start, with which the
+    fused bf16 kernel and :func:`round_to_bf16_` round exactly as one process rounds the whole
+    tensor (the key drawn from ``rng`` as one process draws it, the noise indexed by global
+    element position).  Any other layout: a generator seeded by one draw of ``rng`` and the
+    shard's offset (shards draw different bits, replicas of a shard the same), which matches one
+    process in distribution only.  Either way ``rng`` advances alike on every rank, whatever the
+    shard sizes."""
+    layout = shard_layout(p)
+    if layout.flat_offset is not None:
+        return ShardRng(rng, layout.flat_offset)
     draw = int(rng.integers(0, 2**63))
-    return np.random.default_rng([draw, *shard_layout(p).offset])
+    return np.random.default_rng([draw, *layout.offset])
 
 
-def _block_span(layout: ShardLayout, block: int) -> tuple[int, int, int, bool]:
-    """``(j0, j1, start, aligned)``: whole-tensor blocks ``j0 .. j1 - 1`` overlap the shard,
-    whose first element sits at ``start`` in them; ``aligned`` as in the section comment."""
-    o, n, size = layout.flat_offset, layout.local_size, layout.size
-    assert o is not None
-    if n == 0:
-        return 0, 0, 0, True
-    j0, j1 = o // block, -(-(o + n) // block)
-    aligned = o % block == 0 and (n % block == 0 or o + n == size)
-    return j0, j1, o - j0 * block, aligned
+def shard_split(p: Tensor, fmt: QuantizedFormat) -> BlockSplit:
+    """The :class:`~adamkit.torch.sharded_blocks.BlockSplit` of the DTensor ``p``'s local shard
+    in ``fmt``'s blocks (``p`` sharded along dim 0 only: ``ValueError`` otherwise)."""
+    layout = shard_layout(p)
+    if layout.flat_offset is None:
+        raise ValueError(f"a shard sharded as {p.placements} is no flat range of the tensor")
+    return block_split(layout.flat_offset, layout.local_size, layout.size, fmt.block)
 
 
-def _span_length(layout: ShardLayout, block: int, j0: int, j1: int) -> int:
-    return min(j1 * block, layout.size) - j0 * block
+@functools.lru_cache(maxsize=256)
+def _straddling(
+    shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements: tuple[Any, ...], block: int
+) -> tuple[int, ...]:
+    ranges = shard_ranges(shape, mesh_shape, placements)
+    return tuple(straddling_blocks(ranges, math.prod(shape), block))
 
 
-def _encoded_values(fmt: QuantizedFormat, storage: Storage) -> np.ndarray:
-    # The values the codes stand for (sqrt(v) for second moments), flat float32.
-    return fmt.codec.decode(
-        storage.arrays["codes"],
-        storage.arrays["scales"],
-        (storage.size,),
-        fmt.block,
-        storage.signed,
+def straddling_of(p: Tensor, block: int) -> list[int]:
+    """The whole-tensor blocks of ``block`` elements that straddle two shards of the DTensor
+    ``p`` (the same list on every rank; empty when every shard is block-aligned)."""
+    mesh = p.device_mesh
+    return list(_straddling(tuple(p.shape), tuple(mesh.shape), tuple(p.placements), block))
+
+
+def shard_groups(p: Tensor) -> tuple[Any, ...]:
+    """The process groups of the mesh dimensions along which the DTensor ``p`` is sharded:
+    where the shards of a straddling block live (replicas hold equal copies)."""
+    mesh = p.device_mesh
+    return tuple(
+        mesh.get_group(dim) for dim, placement in enumerate(p.placements) if placement.is_shard()
     )
 
 
-def _local_storage(fmt: QuantizedFormat, role: str, codes: Tensor, scales: Tensor) -> Storage:
-    shape = tuple(codes.shape)
-    arrays = {"codes": _host_array(codes).reshape(-1), "scales": _host_array(scales).reshape(-1)}
-    return Storage(fmt.name, fmt.name, role, shape, arrays, fmt.block)
+def _span_peaks(
+    p: Tensor, fmt: QuantizedFormat, role: str, values: np.ndarray, split: BlockSplit
+) -> dict[int, float]:
+    # The whole blocks' maxima of this shard's partial blocks: one all_reduce(MAX) of one slot
+    # per straddling block of the tensor (none when there is none, on every rank alike).
+    blocks = straddling_of(p, fmt.block)
+    if not blocks:
+        return {}
+    mine = partial_peaks(fmt, role, values, split)
+    buffer = np.zeros(len(blocks), dtype=np.float32)
+    for i, j in enumerate(blocks):
+        buffer[i] = mine.get(j - split.j0, 0.0)
+    all_reduce_max(shard_groups(p), buffer)
+    return {j - split.j0: float(buffer[i]) for i, j in enumerate(blocks) if j - split.j0 in mine}
+
+
+def span_row(
+    fmt: StateFormat,
+    p: Tensor,
+    state: dict[str, Any],
+    param: np.ndarray,
+    grad: np.ndarray,
+    step: int,
+    amsgrad: bool,
+) -> SpanRow | None:
+    """The row of :func:`adamkit.torch.sharded_blocks.update_spans_` for the DTensor ``p`` whose
+    live ``state`` (``local_tensors`` of it: plain local tensors) holds block-quantized moments in
+    ``fmt`` (its :func:`shard_format`), or ``None`` where the usual stored step applies (not a
+    DTensor, moments not quantized, or no block of ``p`` straddles two shards).  ``param`` and
+    ``grad``: NumPy arrays of the shard (``param`` updated in place, shared or a float32 copy);
+    ``step``: the 1-based update number.  Non-contiguous state tensors are replaced in ``state``
+    by contiguous copies (the row's arrays share memory with them)."""
+    if not (is_dtensor(p) and isinstance(fmt, QuantizedFormat) and scale_key("exp_avg") in state):
+        return None
+    straddling = straddling_of(p, fmt.block)
+    if not straddling:
+        return None
+    roles = ROLES[: 3 if amsgrad else 2]
+    for key in (*roles, *(scale_key(role) for role in roles)):
+        if not state[key].is_contiguous():
+            state[key] = state[key].contiguous()
+    return SpanRow(
+        fmt,
+        param.reshape(-1),
+        grad.reshape(-1),
+        [numpy_view(state[role]).reshape(-1) for role in roles],
+        [numpy_view(state[scale_key(role)]).reshape(-1) for role in roles],
+        step,
+        shard_split(p, fmt),
+        straddling,
+        shard_groups(p),
+    )
 
 
 def _max_over_mesh(t: Tensor, like: Tensor) -> None:
@@ -631,63 +827,25 @@ def _whole_blocks(
     fmt: QuantizedFormat, role: str, p: Tensor, codes: Tensor, scales: Tensor
 ) -> tuple[Tensor, Tensor]:
     """(codes, scales) of one moment of the DTensor ``p`` in the whole-tensor block layout (a
-    collective over ``p``'s mesh: one ``all_reduce`` of the scales)."""
+    collective over ``p``'s mesh: one ``all_reduce`` of the scales).  Exact: the span layout
+    holds the whole blocks' scales (a straddling block's on each of its ranks, equal)."""
     layout = shard_layout(p)
-    block, signed = fmt.block, role in SIGNED_ROLES
-    j0, j1, start, aligned = _block_span(layout, block)
-    whole = torch.zeros(-(-layout.size // block), dtype=torch.float32)
-    local = codes.to_local()
-    storage = _local_storage(fmt, role, local, scales)
-    values = None
-    if aligned:
-        whole[j0:j1] = scales.reshape(-1)
-    else:
-        values = _encoded_values(fmt, storage)
-        span = np.zeros(_span_length(layout, block, j0, j1), dtype=np.float32)
-        span[start : start + values.size] = np.abs(values)
-        starts = np.arange(0, span.size, block)
-        whole[j0:j1] = torch.from_numpy(np.maximum.reduceat(span, starts))
+    split = shard_split(p, fmt)
+    whole = torch.zeros(-(-layout.size // fmt.block), dtype=torch.float32)
+    whole[split.j0 : split.j1] = scales.reshape(-1)
     _max_over_mesh(whole, p)
-    if values is None:
-        return codes, whole
-    # Encode this shard's values with the whole blocks' maxima: fill one slot of each block
-    # that straddles a shard boundary with that block's maximum, so the codec's absmax is it.
-    span = np.zeros(_span_length(layout, block, j0, j1), dtype=np.float32)
-    span[start : start + values.size] = values
-    maxima = whole[j0:j1].numpy()
-    if start > 0:
-        span[0] = maxima[0]
-    end = start + values.size
-    if end < span.size:
-        span[-1] = maxima[-1]
-    new_codes, _ = fmt.codec.encode(span, block, signed, keep_nonzero=not signed)
-    out = torch.from_numpy(np.ascontiguousarray(new_codes[start:end])).reshape(local.shape)
-    return as_dtensor(out, p), whole
+    return codes, whole
 
 
 def _shard_blocks(
     fmt: QuantizedFormat, role: str, layout: ShardLayout, codes: Tensor, whole: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """The inverse of :func:`_whole_blocks` on one rank, without communication: local
-    ``codes`` and the whole tensor's block ``scales`` -> (codes, scales) over the shard."""
-    block, signed = fmt.block, role in SIGNED_ROLES
-    j0, j1, start, aligned = _block_span(layout, block)
-    maxima = _host_array(whole).reshape(-1)[j0:j1]
-    if aligned:
-        return codes, torch.from_numpy(np.array(maxima, dtype=np.float32))
-    span = np.full(
-        _span_length(layout, block, j0, j1),
-        fmt.codec.zero_code(signed),
-        dtype=fmt.codec.code_dtype(signed),
-    )
-    flat = _host_array(codes).reshape(-1)
-    span[start : start + flat.size] = flat
-    values = fmt.codec.decode(span, maxima, (span.size,), block, signed)[start : start + flat.size]
-    new_codes, new_scales = fmt.codec.encode(values, block, signed, keep_nonzero=not signed)
-    return (
-        torch.from_numpy(np.ascontiguousarray(new_codes)).reshape(codes.shape),
-        torch.from_numpy(np.ascontiguousarray(new_scales)),
-    )
+    """The inverse of :func:`_whole_blocks` on one rank, without communication and exact:
+    local ``codes`` and the whole tensor's block ``scales`` -> (codes, the span's scales)."""
+    assert layout.flat_offset is not None
+    split = block_split(layout.flat_offset, layout.local_size, layout.size, fmt.block)
+    maxima = _host_array(whole).reshape(-1)[split.j0 : split.j1]
+    return codes, torch.from_numpy(np.array(maxima, dtype=np.float32))
 
 
 def whole_tensor_entry(entry: dict[str, Any], p: Tensor) -> dict[str, Any]:
@@ -740,13 +898,15 @@ def live_entry(state: Mapping[str, Any], p: Tensor, where: str) -> dict[str, Any
 def local_saved_entry(state: Any, p: Tensor, where: str) -> Any:
     """A saved entry for the DTensor parameter ``p`` (``export_state_dict``'s layout: moments as
     DTensors laid out like ``p``, or as whole plain tensors; block scales of the whole tensor) as
-    plain tensors of this rank's shard, with the scales over the shard: exact for a
-    block-aligned shard, re-quantized otherwise.  Anything it cannot place is left for
-    :func:`parse_entry` to refuse; ``ValueError`` for a DTensor laid out unlike ``p``."""
+    plain tensors of this rank's shard, with the scales in the span layout (those of the
+    whole-tensor blocks that overlap the shard: exact, a slice), as a :class:`ShardEntry`
+    carrying the shard's layout.  Anything it cannot place is left for :func:`parse_entry` to
+    refuse; ``ValueError`` for a DTensor laid out unlike ``p``."""
     if not isinstance(state, Mapping):
         return state
     layout = shard_layout(p)
-    out: dict[str, Any] = {}
+    out = ShardEntry()
+    out.layout = layout
     for key, value in state.items():
         if is_dtensor(value):
             if value.placements != p.placements or tuple(value.shape) != layout.global_shape:
@@ -787,11 +947,17 @@ def local_saved_entry(state: Any, p: Tensor, where: str) -> Any:
 # -- parameters and accounting -------------------------------------------------------------------
 
 
-def round_to_bf16_(param: Tensor, values: np.ndarray, rng: np.random.Generator) -> None:
+def round_to_bf16_(param: Tensor, values: np.ndarray, rng: np.random.Generator | ShardRng) -> None:
     """Write float32 ``values`` into the bfloat16 CPU tensor ``param``, rounded stochastically
-    (:func:`adamkit.formats.bf16.encode_stochastic`: unbiased, up with probability (x - lo) /
-    (hi - lo))."""
-    bits = bf16.encode_stochastic(values, rng)
+    (:func:`adamkit.formats.bf16.encode_stochastic_at`: unbiased, up with probability (x - lo) /
+    (hi - lo)), with one 64-bit word of ``rng`` as the key, whatever the size.  ``rng`` a
+    :class:`~adamkit.kernels.stored.ShardRng` (``param`` a local shard): the key from its
+    parent and the noise indexed from its offset, so the shard gets the bits of the whole."""
+    if isinstance(rng, ShardRng):
+        key, offset = rng.key(), rng.offset
+    else:
+        key, offset = int(rng.bit_generator.random_raw()), 0
+    bits = bf16.encode_stochastic_at(values, key, offset)
     param.copy_(_tensor(np.ascontiguousarray(bits)).reshape(param.shape))
 
 

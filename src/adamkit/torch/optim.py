@@ -58,6 +58,7 @@ from adamkit.torch.guarded import (
     global_squares,
     uses_collectives,
 )
+from adamkit.torch.sharded_blocks import update_spans_
 from adamkit.torch.state_dict import (
     ADAMKIT_GROUP_KEYS,
     OPTIMIZER_KEYS,
@@ -817,15 +818,18 @@ class Adam(torch.optim.Optimizer):
         position = {id(p): i for i, p in enumerate(group["params"])}
         stochastic = group["param_rounding"] == "stochastic"
         # Rows by format and generator: the local shard of a DTensor parameter (FSDP2) rounds
-        # with a generator of its own (tf.shard_rng), so self._format_rng advances alike on
-        # every rank whatever the shard sizes.
+        # through tf.shard_rng (the optimizer's generator and the shard's global offset, one
+        # bucket per shard), which draws one key per parameter in parameter order as one
+        # process does: self._format_rng advances alike on every rank, and shards round with
+        # the single-process bits.
         buckets: dict[tuple[int, int], tuple[StateFormat, Any, list[tuple[Any, ...]]]] = {}
         finished = []
+        spans = []  # int8 shards whose blocks straddle ranks (FSDP2): one reduce for them all
         for p, g in zip(params, grads, strict=True):
             fmt = self._target_format(group, p, position[id(p)])
             assert fmt is not None  # a group with a state format
             state = self._stored_state_for(p, fmt, amsgrad)
-            view, rng = state, self._format_rng
+            view, rng, whole = state, self._format_rng, p
             if tf.is_dtensor(p):
                 # Chosen on the whole shape above, stored over the local shard.
                 fmt = tf.shard_format(fmt, tuple(p.shape))
@@ -833,18 +837,31 @@ class Adam(torch.optim.Optimizer):
                     rng = tf.shard_rng(self._format_rng, p)
                 p, g, view = p.to_local(), g.to_local(), tf.local_tensors(state)
             shape = tuple(p.shape)
-            moments = [tf.storage_of(fmt, view, role, shape) for role in tf.ROLES[:2]]
-            moments.append(tf.storage_of(fmt, view, tf.ROLES[2], shape) if amsgrad else None)
             if p.dtype in _WORK_DTYPES:
                 work, grad, wide = tf.numpy_view(p), tf.numpy_view(g), None
             else:
                 wide = p.detach().float()
                 work, grad = tf.numpy_view(wide), tf.numpy_view(g.float())
-            row = (work, grad, *moments, int(state["step"].item()) + 1)
-            buckets.setdefault((id(fmt), id(rng)), (fmt, rng, []))[2].append(row)
+            step = int(state["step"].item()) + 1
             finished.append((p, wide, state, rng))
+            span = tf.span_row(fmt, whole, view, work, grad, step, amsgrad)
+            if span is not None:
+                spans.append(span)
+                continue
+            moments = [tf.storage_of(fmt, view, role, shape) for role in tf.ROLES[:2]]
+            moments.append(tf.storage_of(fmt, view, tf.ROLES[2], shape) if amsgrad else None)
+            row = (work, grad, *moments, step)
+            buckets.setdefault((id(fmt), id(rng)), (fmt, rng, []))[2].append(row)
         factors: list[float] = []
         impl = tf.stored_impl(group["impl"], group["state"])
+        if spans:
+            if plan is not None and plan.update_clip is not None:
+                raise NotImplementedError(
+                    "update clipping with int8 state on FSDP2 shards whose blocks straddle "
+                    "ranks is not supported"
+                )
+            # First: a collective, which every rank must reach whatever fails afterwards.
+            update_spans_(spans, hp, impl=impl)
         for fmt, rng, rows in buckets.values():
             columns = [list(column) for column in zip(*rows, strict=True)]
             if plan is None or plan.update_clip is None:
