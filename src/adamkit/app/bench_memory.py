@@ -14,7 +14,8 @@ optimizer, runs ``--steps`` steps and reports:
 - ``peak_rss_mb``: the process's peak resident set.
 
 One process per format, so that no format inherits another's freed-but-kept memory.  Formats:
-``torch`` (``torch.optim.Adam(fused=True)``), ``fp32``, ``bf16``, ``int8``, ``int8-companded``
+``torch`` (``torch.optim.Adam(fused=True)``), ``fp32``, ``bf16``, ``int8``, ``int8-companded``,
+``int8-companded-64``
 (``adamkit.torch.Adam(state=...)``, default guard).  Results go to stdout and ``--json``.
 """
 
@@ -31,7 +32,7 @@ from adamkit.app.bench_common import csv_choice, machine_info
 
 __all__ = ["STATES", "configure_parser", "measure", "run"]
 
-STATES: tuple[str, ...] = ("torch", "fp32", "bf16", "int8", "int8-companded")
+STATES: tuple[str, ...] = ("torch", "fp32", "bf16", "int8", "int8-companded", "int8-companded-64")
 
 
 def _rss_bytes() -> int:

@@ -73,6 +73,13 @@ def numba_threads() -> Iterator[None]:
             torch.set_num_threads(torch_threads)
 
 
+def _threads_for(elements: int, threshold: int) -> contextlib.AbstractContextManager[None]:
+    # numba_threads() only where the kernel will run on the pool (at least `threshold`
+    # elements): reading and setting thread counts costs several microseconds, a fifth of a
+    # small model's whole step.
+    return numba_threads() if elements >= threshold else contextlib.nullcontext()
+
+
 def _dtensor_type() -> type | None:
     module = sys.modules.get("torch.distributed.tensor")
     return getattr(module, "DTensor", None)
@@ -122,7 +129,8 @@ def squares_parts(
             numba_tables.squares_parts(addresses, sizes, _NUMPY[dtype], parallel=False)
             for dtype, (addresses, sizes) in tables.items()
         ]
-    with numba_threads():
+    total = max((int(sizes.sum()) for _, sizes in tables.values()), default=0)
+    with _threads_for(total if parallel is None else 1, numba_tables.SUM_PARALLEL_MIN_SIZE):
         return [
             numba_tables.squares_parts(addresses, sizes, _NUMPY[dtype], parallel=parallel)
             for dtype, (addresses, sizes) in tables.items()
@@ -224,7 +232,8 @@ def update_tables_(
     from adamkit.kernels import numba_tables
 
     total = [0.0, 0.0]
-    with numba_threads():
+    largest = max((int(sizes.sum()) for _, sizes, _ in tables.values()), default=0)
+    with _threads_for(largest, numba_tables.PARALLEL_MIN_SIZE):
         for dtype, (rows, sizes, steps) in tables.items():
             counts = numba_tables.advance_steps(steps)
             sums = numba_tables.adam_update_table_(
@@ -252,7 +261,7 @@ def rms_update_table_(
 
     rows, sizes, steps = table
     np_dtype = _NUMPY[dtype]
-    with numba_threads():
+    with _threads_for(int(sizes.sum()), numba_tables.PARALLEL_MIN_SIZE):
         counts = numba_tables.advance_steps(steps)
         factors = numba_tables.rms_lr_factors(rows, sizes, counts, np_dtype, hp, threshold)
         sums = numba_tables.adam_update_table_(
