@@ -127,13 +127,16 @@ VARIANTS: dict[str, Variant] = {
         Variant("bf16", "fp32", "bf16", "nearest"),
         Variant("int8", "fp32", "int8", "nearest"),
         Variant("int8-companded", "fp32", "int8-companded", "nearest"),
+        Variant("int8-companded-64", "fp32", "int8-companded-64", "nearest"),
         Variant("bf16p-nearest", "bf16", "fp32", "nearest"),
         Variant("bf16p-stoch", "bf16", "fp32", "stochastic"),
     )
 }
 
 #: What a default run compares (the issue's formats, and bf16 parameters both ways).
-DEFAULT_VARIANTS: tuple[str, ...] = tuple(name for name in VARIANTS if name != "int8-companded")
+DEFAULT_VARIANTS: tuple[str, ...] = tuple(
+    name for name in VARIANTS if not name.startswith("int8-companded")
+)
 
 #: Sources of the local Python's standard library that make the language model's text (1.65 MB
 #: on CPython 3.11), in this order; the JSON records their sizes and SHA-256.
@@ -752,7 +755,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--variants",
         type=csv_choice(tuple(VARIANTS)),
         default=DEFAULT_VARIANTS,
-        help=f"default: {','.join(DEFAULT_VARIANTS)} (also: int8-companded)",
+        help=f"default: {','.join(DEFAULT_VARIANTS)} (also: int8-companded, int8-companded-64)",
     )
     parser.add_argument(
         "--param-models",
