@@ -679,7 +679,7 @@ def plot_curves(runs: Sequence[RunRecord], path: str | os.PathLike[str]) -> None
     colors = dict(
         zip(
             VARIANTS,
-            ("black", "tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:green"),
+            ("black", "tab:blue", "tab:red", "tab:purple", "tab:brown", "tab:orange", "tab:green"),
             strict=True,
         )
     )
