@@ -32,6 +32,7 @@ from adamkit.kernels.stored import (
 from adamkit.torch import formats as tf
 from adamkit.torch._addresses import (
     Table,
+    add_parts,
     param_tables,
     rms_update_tables_,
     update_tables_,
@@ -582,8 +583,11 @@ class Adam(torch.optim.Optimizer):
                     continue
                 parts.extend(table_grad_parts(checks, prepared[0]))
                 others.extend(group_params[i].grad for i in prepared[1])
-            recorded, rest = recorded_parts(checks, others)
-            total = global_squares(rest, parts + recorded)
+            if others:
+                recorded, rest = recorded_parts(checks, others)
+                total = global_squares(rest, parts + recorded)
+            else:
+                total = add_parts(parts)
             return math.nan if math.isnan(total) else math.sqrt(total)
 
         def apply(plan: StepPlan, measure: bool = False) -> Any:
