@@ -179,6 +179,12 @@ How a dispatcher uses it: ``supports(fmt)`` says whether a format has a fused ke
 ``adam_update_stored_(fmt, params, grads, sms, svs, sws, steps, hp, rng=rng, fallback=...)``
 (``fallback`` gets ``(fmt, param, grad, sm, sv, sw, step, hp, rng)`` for parameters that do not
 qualify, e.g. the plain load/step/store path; ``offsets=`` places shards in their whole tensor).
+Front ends that hold their tensors elsewhere (``adamkit.torch``) call
+``adam_update_stored_table_(fmt, table, sizes, steps, dtype, hp, keys)`` instead: one call for
+every parameter of a (format, dtype) bucket, from raw addresses, one parallel region per step
+rather than one per large tensor and no NumPy view per tensor, bit-identical to the
+per-parameter kernels (``table_layout(fmt)`` says which formats; see the section "address
+tables" below).
 """
 
 from __future__ import annotations
@@ -204,13 +210,19 @@ from adamkit.kernels.numba_cpu import (
     _jit,
     _max_nan,
 )
+from adamkit.kernels.numba_tables import _chunks as _table_chunks
+from adamkit.kernels.numba_tables import _twins, _view
 
 __all__ = [
     "CHUNK_ELEMENTS",
+    "TABLE_COLUMNS",
     "adam_update_stored_",
+    "adam_update_stored_table_",
     "all_finite",
     "qualifies",
     "supports",
+    "table_code_dtypes",
+    "table_layout",
 ]
 
 #: The parallel loops hand out chunks of about this many elements (whole blocks for 8-bit codes):
@@ -1311,3 +1323,304 @@ def adam_update_stored_(
                     "left unchanged, the rest of the parameter was updated (skip non-finite "
                     "steps before the update: the guard's non-finite check)"
                 )
+
+
+# -- address tables: one call for many tensors -----------------------------------------------------
+#
+# The kernels above take one parameter per call: a serial call per small tensor, one parallel
+# region (a thread wake-up) per large one, and the caller pays for a NumPy view of every array.
+# The table kernels below take a step of every tensor of a (format, dtype) bucket in one call,
+# from raw addresses (see :mod:`adamkit.kernels.numba_tables`, whose contract they share: the
+# caller checks every tensor first and keeps it alive).  The work is cut into chunks that never
+# cross a tensor (bf16: :data:`CHUNK_ELEMENTS` elements; 8-bit codes: whole blocks, plus the
+# partial last block of a tensor as a chunk of its own) and each chunk runs the span functions
+# above on carray views: the arithmetic of a block or element does not depend on the chunking,
+# and bf16 noise is indexed by the element's position in its tensor, so the results are
+# bit-identical to the per-parameter kernels (tested).
+
+#: Columns of a stored-format address table: parameter, gradient, then for m, v and v_max the
+#: codes (bf16: the bits) and the block scales (bf16: unused).  Without AMSGrad the v_max
+#: columns repeat v's and are not read.
+T_PARAM, T_GRAD, T_M, T_MS, T_V, T_VS, T_W, T_WS = range(8)
+TABLE_COLUMNS = 8
+
+
+@_jit()
+def _bf16_chunk(table, sizes, rows, cps, c32s, keys, chunk, amsgrad, stochastic, pw, bw):
+    # A function of its own, not inlined into the prange body (as numba_tables._update_chunk).
+    i, start, stop = chunk[0], chunk[1], chunk[2]
+    n = sizes[i]
+    p = _view(table[i, T_PARAM], n, pw)[start:stop]
+    g = _view(table[i, T_GRAD], n, pw)[start:stop]
+    m = _view(table[i, T_M], n, bw)[start:stop]
+    v = _view(table[i, T_V], n, bw)[start:stop]
+    w = _view(table[i, T_W], n, bw)[start:stop] if amsgrad else m[:0]
+    r = rows[i]
+    k = _unpack(cps[r], c32s[r])
+    _bf16_span(p, g, m, v, w, amsgrad, stochastic, k, keys[i, 0], keys[i, 1], start)
+
+
+def _bf16_all(table, sizes, rows, cps, c32s, keys, chunks, amsgrad, stochastic, pw, bw):
+    for c in prange(chunks.shape[0]):
+        _bf16_chunk(table, sizes, rows, cps, c32s, keys, chunks[c], amsgrad, stochastic, pw, bw)
+
+
+_bf16_table_serial, _bf16_table_parallel = _twins(_bf16_all)
+
+
+@_jit()
+def _dense_chunk(table, sizes, rows, cps, c32s, chunk, amsgrad, pw, fw):
+    i, start, stop = chunk[0], chunk[1], chunk[2]
+    n = sizes[i]
+    p = _view(table[i, T_PARAM], n, pw)[start:stop]
+    g = _view(table[i, T_GRAD], n, pw)[start:stop]
+    m = _view(table[i, T_M], n, fw)[start:stop]
+    v = _view(table[i, T_V], n, fw)[start:stop]
+    w = _view(table[i, T_W], n, fw)[start:stop] if amsgrad else m[:0]
+    r = rows[i]
+    _dense_span(p, g, m, v, w, amsgrad, _unpack(cps[r], c32s[r]))
+
+
+def _dense_all(table, sizes, rows, cps, c32s, chunks, amsgrad, pw, fw):
+    for c in prange(chunks.shape[0]):
+        _dense_chunk(table, sizes, rows, cps, c32s, chunks[c], amsgrad, pw, fw)
+
+
+_dense_table_serial, _dense_table_parallel = _twins(_dense_all)
+
+
+@_jit()
+def _q_table_chunks(sizes, block):
+    # (tensor, start, stop, tail) per chunk: runs of whole blocks of about CHUNK_ELEMENTS
+    # elements, then the tensor's partial last block (tail = 1, start/stop its elements).
+    per = max(1, CHUNK_ELEMENTS // block) * block
+    count = 0
+    for i in range(sizes.size):
+        n = sizes[i]
+        full = (n // block) * block
+        count += (full + per - 1) // per + (1 if full < n else 0)
+    out = np.empty((count, 4), dtype=np.int64)
+    k = 0
+    for i in range(sizes.size):
+        n = sizes[i]
+        full = (n // block) * block
+        for start in range(0, full, per):
+            out[k, 0] = i
+            out[k, 1] = start
+            out[k, 2] = min(start + per, full)
+            out[k, 3] = 0
+            k += 1
+        if full < n:
+            out[k, 0] = i
+            out[k, 1] = full
+            out[k, 2] = n
+            out[k, 3] = 1
+            k += 1
+    return out
+
+
+@_jit()
+def _q_chunk(kind, table, sizes, rows, cps, c32s, chunk, amsgrad, pw, mw, vw, sw):
+    i, start, stop = chunk[0], chunk[1], chunk[2]
+    n = sizes[i]
+    block = _q_layout(kind)[0]
+    nb = (n + block - 1) // block
+    p = _view(table[i, T_PARAM], n, pw)
+    g = _view(table[i, T_GRAD], n, pw)
+    mc = _view(table[i, T_M], n, mw)
+    ms = _view(table[i, T_MS], nb, sw)
+    vc = _view(table[i, T_V], n, vw)
+    vs = _view(table[i, T_VS], nb, sw)
+    wc = _view(table[i, T_W], n, vw) if amsgrad else vc[:0]
+    ws = _view(table[i, T_WS], nb, sw) if amsgrad else vs[:0]
+    r = rows[i]
+    k = _unpack(cps[r], c32s[r])
+    if chunk[3]:
+        return _q_tail(kind, p, g, mc, ms, vc, vs, wc, ws, amsgrad, k)
+    first = start // block
+    last = stop // block
+    # slices, as _q_parallel (indexing whole arrays from the parallel loop was 4x slower)
+    wcc = wc[start:stop] if amsgrad else wc
+    wsc = ws[first:last] if amsgrad else ws
+    return _q_blocks(
+        kind,
+        p[start:stop],
+        g[start:stop],
+        mc[start:stop],
+        ms[first:last],
+        vc[start:stop],
+        vs[first:last],
+        wcc,
+        wsc,
+        amsgrad,
+        k,
+    )
+
+
+def _q_all(kind, table, sizes, rows, cps, c32s, chunks, amsgrad, pw, mw, vw, sw):
+    bad = np.zeros(chunks.shape[0], np.int64)  # per chunk: no reduction in the parallel loop
+    for c in prange(chunks.shape[0]):
+        bad[c] = _q_chunk(kind, table, sizes, rows, cps, c32s, chunks[c], amsgrad, pw, mw, vw, sw)
+    return bad
+
+
+_q_table_serial, _q_table_parallel = _twins(_q_all)
+
+
+@_jit()
+def _table_overlapping(table, nbytes, written):
+    # True when a block that the call writes overlaps any other block of the table, or a
+    # read-only one (the gradient) overlaps a written one: such tables run serially in table
+    # order, as the per-parameter calls would (as numba_tables._overlapping, with a byte
+    # length per cell: columns hold arrays of different item sizes).  Cells of 0 bytes are
+    # ignored (unused columns and empty tensors).
+    n, columns = table.shape
+    starts = np.empty(n * columns, dtype=np.int64)
+    ends = np.empty(n * columns, dtype=np.int64)
+    wr = np.empty(n * columns, dtype=np.bool_)
+    k = 0
+    for i in range(n):
+        for c in range(columns):
+            if nbytes[i, c] == 0:
+                continue
+            starts[k] = table[i, c]
+            ends[k] = table[i, c] + nbytes[i, c]
+            wr[k] = written[c]
+            k += 1
+    order = np.argsort(starts[:k])
+    end_written = np.iinfo(np.int64).min
+    end_any = np.iinfo(np.int64).min
+    for j in order:
+        start = starts[j]
+        if start < end_written or (wr[j] and start < end_any):
+            return True
+        end_any = max(end_any, ends[j])
+        if wr[j]:
+            end_written = max(end_written, ends[j])
+    return False
+
+
+def table_layout(fmt: Any) -> tuple[str, int] | None:
+    """``(encoding, block)`` of the moments a table kernel updates for ``fmt``, or ``None``:
+    ``("bf16", 1)`` for :class:`Bf16Format` (either rounding), ``("dense", 1)`` for float32
+    :class:`DenseFormat` (``"fp32"``), ``(fmt.name, fmt.block)`` for the 8-bit formats
+    :func:`supports` (codes and block scales; their small tensors, stored densely, are rows of
+    the ``"fp32"`` layout)."""
+    if isinstance(fmt, Bf16Format):
+        return "bf16", 1
+    if isinstance(fmt, QuantizedFormat) and supports(fmt):
+        return fmt.name, fmt.block
+    if isinstance(fmt, DenseFormat) and supports(fmt):
+        return "dense", 1
+    return None
+
+
+def table_code_dtypes(fmt: Any) -> tuple[np.dtype, np.dtype]:
+    """The dtypes of the ``m`` and of the ``v`` (and ``v_max``) columns of ``fmt``'s table rows
+    (``uint16`` bf16 bits, or the 8-bit codec's codes); ``fmt`` must have a :func:`table_layout`."""
+    if isinstance(fmt, Bf16Format):
+        return _U16, _U16
+    if isinstance(fmt, DenseFormat):
+        return _F32, _F32
+    return _CODE_DTYPES[fmt.codec, True], _CODE_DTYPES[fmt.codec, False]
+
+
+def _witness(dtype: np.dtype) -> np.ndarray:
+    return np.empty(0, dtype=dtype)
+
+
+def adam_update_stored_table_(
+    fmt: Any,
+    table: np.ndarray,
+    sizes: np.ndarray,
+    steps: np.ndarray,
+    dtype: np.dtype,
+    hp: AdamHyperParams,
+    keys: np.ndarray | None = None,
+) -> np.ndarray:
+    """One Adam step of every row of ``table`` with moments in ``fmt`` (a :func:`table_layout`).
+
+    ``table``: int64 ``(n, TABLE_COLUMNS)`` addresses (columns ``T_PARAM`` ... ``T_WS``) of
+    C-contiguous blocks: parameter and gradient of ``sizes[i]`` elements of ``dtype`` (float32 or
+    float64), codes of ``sizes[i]`` elements of :func:`table_code_dtypes`, float32 scales of
+    ``ceil(sizes[i] / block)`` elements (8-bit formats; bf16 and float32 ``"dense"`` moments
+    have none, those columns are not read); the v_max columns are read only when
+    ``hp.amsgrad``.  ``steps``: int64 ``(n,)`` 1-based update numbers.  ``keys``: uint64
+    ``(n, 2)``, the bf16 stochastic keys of each row (``m``/``v`` word, ``v_max`` word; the
+    words :func:`adam_update_stored_` draws for the row, which the caller draws likewise), or
+    ``None`` for nearest rounding and the 8-bit formats.  Nothing is checked here (see the
+    section comment): the caller validates every tensor.
+
+    Returns the number of blocks per row left unchanged for non-finite moments (int64 ``(n,)``,
+    all 0 for bf16 and dense moments); unlike :func:`adam_update_stored_`, every other block of
+    every row has then been updated.  Results equal the per-parameter kernels' bit for bit.
+    """
+    n = len(sizes)
+    if not n:
+        return np.zeros(0, dtype=np.int64)
+    dtype = np.dtype(dtype)
+    first = steps[0]
+    if (steps == first).all():
+        rows = np.zeros(n, dtype=np.int64)
+        counts = [int(first)]
+    else:
+        unique, inverse = np.unique(steps, return_inverse=True)
+        rows = inverse.astype(np.int64, copy=False)
+        counts = [int(t) for t in unique]
+    pairs = [_coefficients(hp, t, dtype) for t in counts]
+    cps = np.stack([cp for cp, _ in pairs])
+    c32s = np.stack([c32 for _, c32 in pairs])
+    amsgrad = bool(hp.amsgrad)
+    encoding, block = table_layout(fmt)  # type: ignore[misc]
+    code_m, code_v = table_code_dtypes(fmt)
+    parallel = int(sizes.sum()) >= PARALLEL_MIN_SIZE
+    if parallel:
+        nbytes = np.zeros((n, TABLE_COLUMNS), dtype=np.int64)
+        blocks = -(-sizes // block)
+        nbytes[:, T_PARAM] = nbytes[:, T_GRAD] = sizes * dtype.itemsize
+        nbytes[:, T_M] = sizes * code_m.itemsize
+        nbytes[:, T_V] = sizes * code_v.itemsize
+        if encoding not in ("bf16", "dense"):
+            nbytes[:, T_MS] = nbytes[:, T_VS] = blocks * 4
+        if amsgrad:
+            nbytes[:, T_W] = nbytes[:, T_V]
+            nbytes[:, T_WS] = nbytes[:, T_VS]
+        parallel = not _table_overlapping(table, nbytes, _WRITTEN)
+    pw = _witness(dtype)
+    if encoding == "bf16":
+        stochastic = bool(fmt.needs_rng)
+        if keys is None:
+            if stochastic:
+                raise TypeError("stochastic bf16 rounding needs keys (uint64, one pair per row)")
+            keys = np.zeros((n, 2), dtype=np.uint64)
+        chunks = _table_chunks(sizes)
+        kernel = _bf16_table_parallel if parallel else _bf16_table_serial
+        kernel(table, sizes, rows, cps, c32s, keys, chunks, amsgrad, stochastic, pw, _witness(_U16))
+        return np.zeros(n, dtype=np.int64)
+    if encoding == "dense":
+        chunks = _table_chunks(sizes)
+        kernel = _dense_table_parallel if parallel else _dense_table_serial
+        kernel(table, sizes, rows, cps, c32s, chunks, amsgrad, pw, _witness(_F32))
+        return np.zeros(n, dtype=np.int64)
+    chunks = _q_table_chunks(sizes, block)
+    kernel = _q_table_parallel if parallel else _q_table_serial
+    bad = kernel(
+        _QUANTIZED[fmt.codec, fmt.block],
+        table,
+        sizes,
+        rows,
+        cps,
+        c32s,
+        chunks,
+        amsgrad,
+        pw,
+        _witness(code_m),
+        _witness(code_v),
+        _witness(_F32),
+    )
+    per_row = np.zeros(n, dtype=np.int64)
+    np.add.at(per_row, chunks[:, 0], bad)
+    return per_row
+
+
+_WRITTEN = np.array([c != T_GRAD for c in range(TABLE_COLUMNS)], dtype=np.bool_)

@@ -18,6 +18,7 @@ import contextlib
 import math
 import sys
 from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -28,8 +29,10 @@ from adamkit.kernels import numba_available
 
 __all__ = [
     "KERNEL_DTYPES",
+    "StoredLayout",
     "Table",
     "add_parts",
+    "advance_step_counts",
     "grad_tables",
     "numba_threads",
     "numpy_dtype",
@@ -38,7 +41,10 @@ __all__ = [
     "rms_update_tables_",
     "split_blocks",
     "squares_parts",
+    "stored_layout",
+    "stored_row",
     "sum_squares",
+    "update_stored_tables_",
     "update_tables_",
 ]
 
@@ -287,3 +293,148 @@ def rms_update_tables_(
         total[0] += sums[0]
         total[1] += sums[1]
     return factors, (total[0], total[1])
+
+
+# -- compressed (stored-format) state ------------------------------------------------------------
+
+
+class StoredLayout(NamedTuple):
+    """What a table row of a stored format holds (see :func:`stored_row`): the torch dtypes of
+    the ``m`` and the ``v``/``v_max`` tensors, and the block of their float32 scales (0: none,
+    bf16 bits)."""
+
+    m_dtype: torch.dtype
+    v_dtype: torch.dtype
+    block: int
+
+
+_TORCH_CODES = {
+    np.dtype(np.uint16): torch.bfloat16,  # bf16 bits live in bfloat16 tensors
+    np.dtype(np.int8): torch.int8,
+    np.dtype(np.uint8): torch.uint8,
+    np.dtype(np.float32): torch.float32,  # dense moments ("fp32")
+}
+
+
+def stored_layout(fmt: Any, impl: str) -> StoredLayout | None:
+    """The :class:`StoredLayout` of ``fmt``'s table rows when ``impl`` (a group's resolved stored
+    implementation) runs ``fmt`` through the fused kernels and they have a table kernel for it
+    (:func:`adamkit.kernels.numba_formats.table_layout`), else ``None``."""
+    if impl == "reference" or not numba_available():
+        return None
+    from adamkit.kernels import numba_formats
+    from adamkit.kernels.stored import resolve_stored_impl
+
+    if resolve_stored_impl(impl, fmt) != "numba":
+        return None
+    layout = numba_formats.table_layout(fmt)
+    if layout is None:
+        return None
+    m_dtype, v_dtype = numba_formats.table_code_dtypes(fmt)
+    block = 0 if layout[0] in ("bf16", "dense") else layout[1]
+    return StoredLayout(_TORCH_CODES[m_dtype], _TORCH_CODES[v_dtype], block)
+
+
+_ROLE_KEYS = (
+    ("exp_avg", "exp_avg_scale"),
+    ("exp_avg_sq", "exp_avg_sq_scale"),
+    ("max_exp_avg_sq", "max_exp_avg_sq_scale"),
+)
+
+
+def stored_row(
+    layout: StoredLayout, p: Tensor, g: Tensor, state: dict[str, Any], amsgrad: bool
+) -> tuple[list[int], int, int] | None:
+    """``(addresses, size, step address)`` of one parameter's row for
+    :func:`update_stored_tables_` (columns of :data:`adamkit.kernels.numba_formats.TABLE_COLUMNS`),
+    or ``None`` when the table kernel cannot take it: ``p`` and ``g`` plain C-contiguous CPU
+    float32/float64 tensors of one dtype and size (not DTensors: the caller checks), ``state``'s
+    moments of ``layout``'s dtypes and ``p``'s size, scales float32 of one per block, all
+    contiguous, and a one-element float32 CPU ``step``.  Only cheap attribute reads."""
+    dtype = p.dtype
+    if not (dtype is torch.float32 or dtype is torch.float64):
+        return None
+    n = p.numel()
+    if not (_kernel_ready(p, dtype, n) and _kernel_ready(g, dtype, n)):
+        return None
+    s = state.get("step")
+    if s is None or not (s.dtype is torch.float32 and s.is_cpu and s.numel() == 1):
+        return None
+    block = layout.block
+    blocks = -(-n // block) if block else 0
+    cells = [p.data_ptr(), g.data_ptr()]
+    for index in range(3 if amsgrad else 2):
+        role, scale = _ROLE_KEYS[index]
+        t = state.get(role)
+        if t is None or not _kernel_ready(t, layout.m_dtype if index == 0 else layout.v_dtype, n):
+            return None
+        cells.append(t.data_ptr())
+        if block:
+            sc = state.get(scale)
+            if sc is None or not _kernel_ready(sc, torch.float32, blocks):
+                return None
+            cells.append(sc.data_ptr())
+        else:
+            cells.append(0)
+    if not amsgrad:
+        cells += cells[4:6]  # the v_max columns repeat v's, unread
+    return cells, n, s.data_ptr()
+
+
+def advance_step_counts(step_addresses: np.ndarray) -> None:
+    """Add one to each float32 step count at ``step_addresses`` (from
+    :func:`update_stored_tables_`), as ``state["step"] += 1`` would."""
+    from adamkit.kernels import numba_tables
+
+    numba_tables.advance_steps(step_addresses)
+
+
+def update_stored_tables_(
+    fmt: Any,
+    rows: Sequence[tuple[list[int], int, int]],
+    dtypes: Sequence[torch.dtype],
+    hp: AdamHyperParams,
+    rng: np.random.Generator | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One Adam step of every row (from :func:`stored_row`, parameters of ``dtypes``) with
+    moments in ``fmt``, one kernel call per dtype; the step counts are read, not advanced (the
+    caller advances them with :func:`adamkit.kernels.numba_tables.advance_steps` once every
+    update of the step has succeeded).  With stochastic rounding one word per row (two with
+    AMSGrad) is drawn from ``rng`` in row order, as
+    :func:`adamkit.kernels.numba_formats.adam_update_stored_` draws them for the same rows.
+    Returns the step addresses (int64) and, per row, the number of 8-bit blocks left unchanged
+    for non-finite moments, as ``(steps, bad)``; the caller keeps the tensors alive."""
+    from adamkit.kernels import numba_formats, numba_tables
+
+    n = len(rows)
+    table = np.array([r[0] for r in rows], dtype=np.int64).reshape(n, numba_formats.TABLE_COLUMNS)
+    sizes = np.array([r[1] for r in rows], dtype=np.int64)
+    step_addresses = np.array([r[2] for r in rows], dtype=np.int64)
+    counts = numba_tables.read_steps(step_addresses).astype(np.int64) + 1
+    keys = None
+    if fmt.needs_rng:
+        if hp.amsgrad:
+            keys = rng.bit_generator.random_raw(2 * n).reshape(n, 2)  # type: ignore[union-attr]
+        else:
+            raw = rng.bit_generator.random_raw(n)  # type: ignore[union-attr]
+            keys = np.stack([raw, raw], axis=1)
+    bad = np.zeros(n, dtype=np.int64)
+    kinds = set(dtypes)
+    with _threads_for(int(sizes.sum()), numba_tables.PARALLEL_MIN_SIZE):
+        for dtype in kinds:
+            if len(kinds) == 1:
+                bad = numba_formats.adam_update_stored_table_(
+                    fmt, table, sizes, counts, _NUMPY[dtype], hp, keys
+                )
+                continue
+            mask = np.array([d is dtype for d in dtypes])
+            bad[mask] = numba_formats.adam_update_stored_table_(
+                fmt,
+                np.ascontiguousarray(table[mask]),
+                sizes[mask],
+                counts[mask],
+                _NUMPY[dtype],
+                hp,
+                None if keys is None else np.ascontiguousarray(keys[mask]),
+            )
+    return step_addresses, bad

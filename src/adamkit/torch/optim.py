@@ -4,8 +4,10 @@ The classes only keep books: validate settings (through :mod:`adamkit.core.confi
 lazily, check state dicts, and hand each group to the step function that
 :func:`adamkit.torch.functional.select_impl` picks.  The math is in :mod:`adamkit.torch.functional`;
 the stability guard (``guard=``) is run by :class:`adamkit.torch.guarded.TorchGuard`.  A group
-with a state format (``state="int8"``, ...) is handed to :mod:`adamkit.kernels.stored` instead,
-on NumPy views of its tensors (:mod:`adamkit.torch.formats` keeps the layout).
+with a state format (``state="int8"``, ...) runs its fused kernels through one address-table
+call per format and dtype for plain CPU tensors (:mod:`adamkit.torch._addresses`), and through
+:mod:`adamkit.kernels.stored` on NumPy views for the rest (:mod:`adamkit.torch.formats` keeps
+the layout).
 """
 
 from __future__ import annotations
@@ -31,10 +33,15 @@ from adamkit.kernels.stored import (
 )
 from adamkit.torch import formats as tf
 from adamkit.torch._addresses import (
+    StoredLayout,
     Table,
     add_parts,
+    advance_step_counts,
     param_tables,
     rms_update_tables_,
+    stored_layout,
+    stored_row,
+    update_stored_tables_,
     update_tables_,
 )
 from adamkit.torch._groups import (
@@ -805,8 +812,10 @@ class Adam(torch.optim.Optimizer):
         weight_decay: float,
         plan: StepPlan | None,
     ) -> list[float]:
-        # A group with a state format: NumPy views of the CPU tensors (float32 copies for
-        # low-precision parameters), one dispatcher call per format, step counts last.
+        # A group with a state format: per (format, dtype), one address-table kernel call for
+        # the parameters it can take (_addresses.stored_row; off with _STORED_TABLES); NumPy
+        # views of the others' CPU tensors (float32 copies for low-precision parameters), one
+        # dispatcher call per format; step counts last, once every update has succeeded.
         amsgrad = group["amsgrad"]
         beta1, beta2 = group["betas"]
         hp = AdamHyperParams(
@@ -821,43 +830,96 @@ class Adam(torch.optim.Optimizer):
         )
         position = {id(p): i for i, p in enumerate(group["params"])}
         stochastic = group["param_rounding"] == "stochastic"
+        impl = tf.stored_impl(group["impl"], group["state"])
+        # Tables only without update clipping (it needs the moments mid-step).
+        tables = _STORED_TABLES and (plan is None or plan.update_clip is None)
+        layouts: dict[int, StoredLayout | None] = {}
+        dense = get_format(_DENSE_STATE)
+        dense_layout = stored_layout(dense, impl) if tables else None
         # Rows by format and generator: the local shard of a DTensor parameter (FSDP2) rounds
         # through tf.shard_rng (the optimizer's generator and the shard's global offset, one
         # bucket per shard), which draws one key per parameter in parameter order as one
         # process does: self._format_rng advances alike on every rank, and shards round with
-        # the single-process bits.
+        # the single-process bits.  Each entry: (p, g, state, view, whole, table row or None,
+        # format of the table kernel).
         buckets: dict[tuple[int, int], tuple[StateFormat, Any, list[tuple[Any, ...]]]] = {}
-        finished = []
-        spans = []  # int8 shards whose blocks straddle ranks (FSDP2): one reduce for them all
+        # _target_format's rule, evaluated once per distinct (shape, name): with many small
+        # tensors its per-parameter checks cost as much as the update.
+        state_name = tf.check_state_options(group)["state"]
+        names = group.get("param_names") or ()
+        formats: dict[tuple[Any, ...], StateFormat] = {}
         for p, g in zip(params, grads, strict=True):
-            fmt = self._target_format(group, p, position[id(p)])
-            assert fmt is not None  # a group with a state format
+            index = position[id(p)]
+            shape = tuple(p.shape)
+            which = (shape, names[index] if index < len(names) else None)
+            fmt = formats.get(which)
+            if fmt is None:
+                fmt = formats[which] = param_format(state_name, *which)
             state = self._stored_state_for(p, fmt, amsgrad)
-            view, rng, whole = state, self._format_rng, p
+            view, rng, whole, row, table_fmt = state, self._format_rng, p, None, fmt
             if tf.is_dtensor(p):
                 # Chosen on the whole shape above, stored over the local shard.
                 fmt = tf.shard_format(fmt, tuple(p.shape))
                 if fmt.needs_rng or (stochastic and p.dtype == torch.bfloat16):
                     rng = tf.shard_rng(self._format_rng, p)
                 p, g, view = p.to_local(), g.to_local(), tf.local_tensors(state)
-            shape = tuple(p.shape)
-            if p.dtype in _WORK_DTYPES:
-                work, grad, wide = tf.numpy_view(p), tf.numpy_view(g), None
-            else:
-                wide = p.detach().float()
-                work, grad = tf.numpy_view(wide), tf.numpy_view(g.float())
-            step = int(state["step"].item()) + 1
-            finished.append((p, wide, state, rng))
-            span = tf.span_row(fmt, whole, view, work, grad, step, amsgrad)
-            if span is not None:
-                spans.append(span)
+            elif tables:
+                key = id(fmt)
+                layout = (
+                    layouts[key]
+                    if key in layouts
+                    else layouts.setdefault(key, stored_layout(fmt, impl))
+                )
+                if layout is not None:
+                    row = stored_row(layout, p, g, state, amsgrad)
+                    if row is None and layout.block and dense_layout is not None:
+                        # The 8-bit formats keep a small tensor's moments in float32: a row of
+                        # the fp32 layout (the same per-element kernel as the per-parameter path).
+                        row = stored_row(dense_layout, p, g, state, amsgrad)
+                        table_fmt = dense if row is not None else fmt
+            entry = (p, g, state, view, whole, row, table_fmt)
+            buckets.setdefault((id(fmt), id(rng)), (fmt, rng, []))[2].append(entry)
+        finished = []
+        spans = []  # int8 shards whose blocks straddle ranks (FSDP2): one reduce for them all
+        numpy_buckets = []
+        table_buckets = []
+        for fmt, rng, entries in buckets.values():
+            ready = [e for e in entries if e[5] is not None]
+            if ready and fmt.needs_rng and len(ready) != len(entries):
+                # The keys of stochastic rounding are drawn for a whole bucket in one go, in
+                # parameter order: the bucket stays together on the per-parameter path.
+                ready = []
+            if ready:
+                # By the format of the table kernel (the fp32 rows of an 8-bit format apart).
+                by_format: dict[int, tuple[StateFormat, list[tuple[Any, ...]]]] = {}
+                for e in ready:
+                    by_format.setdefault(id(e[6]), (e[6], []))[1].append(e)
+                for table_fmt, chosen in by_format.values():
+                    table_buckets.append((table_fmt, rng, chosen))
+            if len(ready) == len(entries):
                 continue
-            moments = [tf.storage_of(fmt, view, role, shape) for role in tf.ROLES[:2]]
-            moments.append(tf.storage_of(fmt, view, tf.ROLES[2], shape) if amsgrad else None)
-            row = (work, grad, *moments, step)
-            buckets.setdefault((id(fmt), id(rng)), (fmt, rng, []))[2].append(row)
+            rows = []
+            for p, g, state, view, whole, row, _ in entries:
+                if row is not None and ready:
+                    continue
+                shape = tuple(p.shape)
+                if p.dtype in _WORK_DTYPES:
+                    work, grad, wide = tf.numpy_view(p), tf.numpy_view(g), None
+                else:
+                    wide = p.detach().float()
+                    work, grad = tf.numpy_view(wide), tf.numpy_view(g.float())
+                step = int(state["step"].item()) + 1
+                finished.append((p, wide, state, rng))
+                span = tf.span_row(fmt, whole, view, work, grad, step, amsgrad)
+                if span is not None:
+                    spans.append(span)
+                    continue
+                moments = [tf.storage_of(fmt, view, role, shape) for role in tf.ROLES[:2]]
+                moments.append(tf.storage_of(fmt, view, tf.ROLES[2], shape) if amsgrad else None)
+                rows.append((work, grad, *moments, step))
+            if rows:
+                numpy_buckets.append((fmt, rng, rows))
         factors: list[float] = []
-        impl = tf.stored_impl(group["impl"], group["state"])
         if spans:
             if plan is not None and plan.update_clip is not None:
                 raise NotImplementedError(
@@ -866,7 +928,7 @@ class Adam(torch.optim.Optimizer):
                 )
             # First: a collective, which every rank must reach whatever fails afterwards.
             update_spans_(spans, hp, impl=impl)
-        for fmt, rng, rows in buckets.values():
+        for fmt, rng, rows in numpy_buckets:
             columns = [list(column) for column in zip(*rows, strict=True)]
             if plan is None or plan.update_clip is None:
                 adam_update_stored_(fmt, *columns, hp, rng=rng, impl=impl)
@@ -881,6 +943,25 @@ class Adam(torch.optim.Optimizer):
                     **_clip_options(plan),
                 )
             )
+        step_addresses = []
+        for fmt, rng, entries in table_buckets:
+            # `entries` keeps every tensor whose address is in the table alive.
+            steps, bad = update_stored_tables_(
+                fmt, [e[5] for e in entries], [e[0].dtype for e in entries], hp, rng
+            )
+            step_addresses.append(steps)
+            if bad.any():
+                index = int(np.flatnonzero(bad)[0])
+                p = entries[index][0]
+                raise ValueError(
+                    f"parameter {position[id(p)]} of the group: {int(bad[index])} block(s) of "
+                    f"{fmt.block} got non-finite moments, which {fmt.name} state cannot hold; "
+                    "those blocks (parameter and state) were left unchanged, the rest of the "
+                    "group's parameters in this format were updated (skip non-finite steps "
+                    "before the update: the guard's non-finite check)"
+                )
+        for steps in step_addresses:
+            advance_step_counts(steps)
         for p, wide, state, rng in finished:
             state["step"] += 1
             if wide is None:
@@ -890,6 +971,13 @@ class Adam(torch.optim.Optimizer):
             else:
                 p.copy_(wide)
         return factors
+
+
+#: Whether ``Adam._update_stored`` takes the parameters it can through the address-table kernels
+#: (one call per format and dtype); ``False`` forces the per-parameter path (same results, bit
+#: for bit: the tests compare the two).
+_STORED_TABLES = True
+_DENSE_STATE = "fp32"  # the format whose table rows hold the 8-bit formats' float32 moments
 
 
 _PLAIN = (float, int, bool, str, type(None))
