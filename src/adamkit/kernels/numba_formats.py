@@ -475,7 +475,7 @@ def _bf16_loop(p, g, m, v, w, amsgrad, stochastic, k, keys):
                 w[i] = _bf16_round(wi, nearest)
 
 
-@_jit()
+@_jit(vector_bits=512)
 def _bf16_span(p, g, m, v, w, amsgrad, stochastic, k, key, key2, offset):
     keys = _weyl_keys(key, key2, offset)
     if amsgrad:
