@@ -108,7 +108,9 @@ ns per element and (x) speed relative to ``torch.optim.Adam(fused=True)`` in the
 (``benchmarks/results/2026-11-25c/h2_int8_*``; each column from its own runs, so compare the
 ratios across columns, not the times).  "as shipped" (3 runs with 2 threads, 2 with 1): the
 companded spans for blocks of 32 compiled with ``vector_bits=512`` (``numba_cpu._jit``), the
-other kernels at LLVM's default for this CPU (256-bit vectors); "all 512" (3 and 2 earlier
+other kernels at LLVM's default for this CPU (256-bit vectors; the bf16 span has been compiled
+at 512 bits since, as the "all 512" column suggested: through ``adamkit.torch`` on the 96-tensor
+10M layout of ``adamkit bench`` its step went from 7.27 to 7.03 ms); "all 512" (3 and 2 earlier
 runs): every kernel at 512 bits (``NUMBA_CPU_FEATURES`` with ``-prefer-256-bit``, for the
 comparison only).  At 100M (2 threads, one run each): ``int8-companded-64`` 0.41 (1.55, 1.58),
 ``int8-companded`` 0.42 (1.51, 1.51), ``"int8"`` 0.86-0.88 (0.73-0.74)::
