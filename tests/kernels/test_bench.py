@@ -52,7 +52,7 @@ def test_each_candidate_runs_the_same_adam_step(name):
         assert rel_diff(p, p0) <= 1e-9, name
 
 
-@pytest.mark.parametrize("name", ["adamkit.torch+bwd", "torch.fused+bwd"])
+@pytest.mark.parametrize("name", ["adamkit.torch+bwd", "torch.fused+bwd", "torch.default+bwd"])
 def test_after_backward_candidates_run_the_same_step_on_their_own_params(name):
     """Their gradients come from the untimed backward (``prepare``), equal to the layout's."""
     problem = bench.Problem([(5, 3), (7,), ()], np.dtype(np.float64))

@@ -301,11 +301,14 @@ def _adamkit_torch_after_backward(state: str | None = None) -> Callable[[Problem
     return setup
 
 
-def _torch_fused_after_backward(problem: Problem) -> StepFn:
-    torch = _need("torch", "pip install adamkit[torch]")
-    return _after_backward(
-        lambda ps: torch.optim.Adam(ps, lr=LR, betas=(BETA1, BETA2), eps=EPS, fused=True)
-    )(problem)
+def _torch_after_backward(**flags: bool) -> Callable[[Problem], StepFn]:
+    def setup(problem: Problem) -> StepFn:
+        torch = _need("torch", "pip install adamkit[torch]")
+        return _after_backward(
+            lambda ps: torch.optim.Adam(ps, lr=LR, betas=(BETA1, BETA2), eps=EPS, **flags)
+        )(problem)
+
+    return setup
 
 
 def _torch_optim(**flags: bool) -> Callable[[Problem], StepFn]:
@@ -548,7 +551,13 @@ CANDIDATES: dict[str, Candidate] = {
         Candidate(
             "torch.fused+bwd",
             "torch.optim.Adam(fused=True), gradients from an untimed backward before each step",
-            _torch_fused_after_backward,
+            _torch_after_backward(fused=True),
+        ),
+        Candidate(
+            "torch.default+bwd",
+            "torch.optim.Adam() (its CPU default: one tensor at a time), gradients from an "
+            "untimed backward before each step",
+            _torch_after_backward(),
         ),
         Candidate("torch.single", "torch.optim.Adam(foreach=False)", _torch_optim(foreach=False)),
         Candidate("torch.foreach", "torch.optim.Adam(foreach=True)", _torch_optim(foreach=True)),
