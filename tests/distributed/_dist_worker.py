@@ -345,12 +345,36 @@ def run_checks(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_fsdp2_clip_refused(case: DistCase, args: dict[str, Any]) -> dict[str, Any]:
+    """One step with update clipping (``guard={"update_clip": "rms"}``) on shards whose 8-bit
+    blocks straddle ranks: the exception's type, whether the parameters are untouched and how
+    many state entries exist after it."""
+    seed = args["seed"]
+    model = _fsdp2_model(seed, case.hidden)
+    with case.seeding():
+        optimizer = case.optimizer_class(
+            model.named_parameters(), **case.kwargs, guard={"update_clip": "rms"}
+        )
+    before = param_snapshot(model)
+    ((x, y),) = _rank_batches(seed, 1)
+    loss_fn(model, x, y).backward()
+    try:
+        optimizer.step()
+        outcome = "ok"
+    except NotImplementedError:
+        outcome = "NotImplementedError"
+    after = param_snapshot(model)
+    unchanged = all(torch.equal(before[k], v) for k, v in after.items())
+    return {"outcome": outcome, "unchanged": unchanged, "states": len(optimizer.state)}
+
+
 CASE_SCENARIOS: dict[str, Callable[[DistCase, dict[str, Any]], dict[str, Any]]] = {
     "ddp": run_ddp,
     "zero": run_zero,
     "fsdp2": run_fsdp2,
     "fsdp2_snapshot": run_fsdp2_snapshot,
     "fsdp2_convert": run_fsdp2_convert,
+    "fsdp2_clip_refused": run_fsdp2_clip_refused,
     "dcp_save": run_dcp_save,
     "dcp_resume": run_dcp_resume,
 }

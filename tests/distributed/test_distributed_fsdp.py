@@ -154,6 +154,16 @@ def convert_run(tmp_path_factory):
     return seed, run_ranks("fsdp2_convert", WORLD_SIZE, tmp_path_factory.mktemp("convert"), args)
 
 
+def test_fsdp2_update_clipping_on_straddling_blocks_is_refused_before_any_change(tmp_path):
+    # Not implemented (see adamkit.torch.sharded_blocks): every rank refuses in the step's
+    # checks, before any state exists or any parameter moves.
+    case_id = "adamw-int8-unaligned"
+    args = {"seed": fresh_seed(), "cases": [case_id]}
+    ranks = run_ranks("fsdp2_clip_refused", WORLD_SIZE, tmp_path, args)
+    for result in rank_results(ranks, case_id):
+        assert result == {"outcome": "NotImplementedError", "unchanged": True, "states": 0}
+
+
 @pytest.mark.parametrize("case_id", _UNALIGNED)
 def test_fsdp2_state_switch_on_unaligned_shards(convert_run, case_id):
     # Switching the group's state mid-run converts the live state: int8 shards to fp32 (decoded

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from adamkit.core.config import AdamHyperParams
-from adamkit.formats import StateFormat, get_format
+from adamkit.formats import QuantizedFormat, StateFormat, get_format
 from adamkit.guard import Guard, GuardConfig, StepPlan, clipped_adam_update_, resolve_guard
 from adamkit.kernels import numba_available
 from adamkit.kernels.stored import (
@@ -484,6 +484,8 @@ class Adam(torch.optim.Optimizer):
             return select_impl(group["impl"], params), params, weight_decay
         tf.check_stored_params(state, group["impl"], params)
         guard = self._guard
+        if guard is not None and guard.config.update_clip is not None:
+            self._refuse_clipped_spans(index, group, params)
         if not holds_non_finite(get_format(state)) and (
             guard is None or not guard.config.skip_nonfinite
         ):
@@ -502,6 +504,25 @@ class Adam(torch.optim.Optimizer):
                     "cannot store; nothing was changed (guard=True skips such steps)"
                 )
         return None, params, weight_decay
+
+    def _refuse_clipped_spans(
+        self, index: int, group: dict[str, Any], params: list[Tensor]
+    ) -> None:
+        # Update clipping is not implemented for 8-bit blocks that straddle FSDP2 shards
+        # (adamkit.torch.sharded_blocks): refuse here, before any state or parameter changes.
+        position = {id(p): i for i, p in enumerate(group["params"])}
+        for p in params:
+            if not tf.is_dtensor(p):
+                continue
+            fmt = self._target_format(group, p, position[id(p)])
+            fmt = None if fmt is None else tf.shard_format(fmt, tuple(p.shape))
+            if isinstance(fmt, QuantizedFormat) and tf.straddling_of(p, fmt.block):
+                raise NotImplementedError(
+                    f"param group {index}: update clipping (guard update_clip="
+                    f"{self._guard.config.update_clip!r}) with state={group['state']!r} on "
+                    "FSDP2 shards whose 8-bit blocks straddle ranks is not supported; nothing "
+                    "was changed"
+                )
 
     @staticmethod
     def _target_format(group: dict[str, Any], p: Tensor, position: int) -> StateFormat | None:
