@@ -213,7 +213,7 @@ from adamkit.kernels.numba_cpu import (
     _max_nan,
 )
 from adamkit.kernels.numba_tables import _chunks as _table_chunks
-from adamkit.kernels.numba_tables import _twins, _view
+from adamkit.kernels.numba_tables import _twins, _view, any_overlap
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -1489,17 +1489,7 @@ def _table_overlapping(table, nbytes, written):
             ends[k] = table[i, c] + nbytes[i, c]
             wr[k] = written[c]
             k += 1
-    order = np.argsort(starts[:k])
-    end_written = np.iinfo(np.int64).min
-    end_any = np.iinfo(np.int64).min
-    for j in order:
-        start = starts[j]
-        if start < end_written or (wr[j] and start < end_any):
-            return True
-        end_any = max(end_any, ends[j])
-        if wr[j]:
-            end_written = max(end_written, ends[j])
-    return False
+    return any_overlap(starts, ends, wr, k)
 
 
 def table_layout(fmt: Any) -> tuple[str, int] | None:

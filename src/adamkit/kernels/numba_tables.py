@@ -53,6 +53,7 @@ __all__ = [
     "adam_update_arrays_",
     "adam_update_table_",
     "advance_steps",
+    "any_overlap",
     "read_steps",
     "rms_lr_factors",
     "squares_parts",
@@ -171,7 +172,15 @@ def _overlapping(table, sizes, itemsize, amsgrad):
             ends[k] = table[i, c] + nbytes
             written[k] = c != GRAD
             k += 1
-    order = np.argsort(starts[:k])
+    return any_overlap(starts, ends, written, k)
+
+
+@_jit()
+def any_overlap(starts, ends, written, count):
+    """Whether, among the first ``count`` byte ranges ``[starts[j], ends[j])``, one marked
+    ``written`` overlaps any other, or a read-only one overlaps a written one (one sort and one
+    sweep).  Shared by the table kernels of :mod:`adamkit.kernels.numba_formats`."""
+    order = np.argsort(starts[:count])
     end_written = np.iinfo(np.int64).min
     end_any = np.iinfo(np.int64).min
     for j in order:
