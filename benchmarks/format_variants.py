@@ -29,11 +29,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-import time
 
 import numba
 import numpy as np
 
+from adamkit.app.bench_common import interleaved_times
 from adamkit.core.config import AdamHyperParams
 from adamkit.formats import Bf16Format, get_format
 from adamkit.kernels import adam_update_
@@ -209,17 +209,7 @@ def main() -> int:
     tp.grad = torch.from_numpy(g)
     steps["torch.fused"] = torch.optim.Adam([tp], lr=hp.lr, fused=True).step
     moved["torch.fused"] = 28.0
-    for fn in steps.values():
-        fn()
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for rep in range(args.repeats):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_times(steps, args.repeats, warmup=2)
     base = float(np.median(times["torch.fused"]))
     floor = float(np.median(times["floor"]))
     print(

@@ -20,12 +20,12 @@ shipped ``"int8"`` (dynamic map) and ``"int8-companded-64"`` paths.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numba
 import numpy as np
 from numba import prange
 
+from adamkit.app.bench_common import interleaved_times
 from adamkit.core.config import AdamHyperParams
 from adamkit.core.reference import AdamState, adam_step
 from adamkit.kernels import adam_update_
@@ -200,17 +200,7 @@ def _run(steps: dict, p: np.ndarray, g: np.ndarray, hp, args, foreach: bool = Fa
     torch_flags = [("torch.fused", {"fused": True}), ("torch.foreach", {"foreach": True})]
     for name, flags in torch_flags[: 2 if foreach else 1]:
         steps[name] = torch.optim.Adam([tp], lr=hp.lr, **flags).step
-    for fn in steps.values():
-        fn()
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for rep in range(args.repeats):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_times(steps, args.repeats, warmup=2)
     floor = float(np.median(times["floor"]))
     fused = float(np.median(times["torch.fused"]))
     print(

@@ -334,3 +334,15 @@ def test_counts_below_one_are_refused_with_a_message(option, capsys):
 
     assert main(["bench", "stability", option, "0"]) == 2
     assert f"{option} must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_interleaved_times_rotates_the_order_and_skips_the_warmup():
+    from adamkit.app.bench_common import interleaved_times
+
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = interleaved_times(steps, rounds=3, warmup=1)
+    # Round i starts at name i mod 3; the warm-up round (a, b, c) is run but not timed.
+    assert calls == list("abcbcacababc")
+    assert {n: len(t) for n, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(t >= 0.0 for ts in times.values() for t in ts)

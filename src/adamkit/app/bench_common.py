@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -20,6 +21,7 @@ __all__ = [
     "build_model",
     "csv_choice",
     "first_below_one",
+    "interleaved_times",
     "load_fashion",
     "machine_info",
     "set_threads",
@@ -140,3 +142,22 @@ def first_below_one(options: Sequence[tuple[str, int]]) -> str | None:
         if value < 1:
             return f"{name} must be >= 1, got {value}"
     return None
+
+
+def interleaved_times(
+    steps: dict[str, Callable[[], Any]], rounds: int, warmup: int = 0
+) -> dict[str, list[float]]:
+    """Seconds per call of every step, ``rounds`` rounds after ``warmup`` untimed ones; each
+    round calls every step once, starting one name later than the round before, so that a burst
+    of machine noise hits all steps alike."""
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(warmup + rounds):
+        shift = i % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            started = time.perf_counter()
+            steps[name]()
+            elapsed = time.perf_counter() - started
+            if i >= warmup:
+                times[name].append(elapsed)
+    return times

@@ -70,6 +70,7 @@ from adamkit.app.bench_common import (
     build_model,
     csv_choice,
     first_below_one,
+    interleaved_times,
     load_fashion,
     machine_info,
     set_threads,
@@ -829,17 +830,8 @@ def _after_backward(
 def _interleaved(
     steps: dict[str, Callable[[], Any]], rounds: int, warmup: int
 ) -> tuple[dict[str, float], dict[str, float]]:
-    # (median ms, min ms) per name; each round runs every step once, in a rotating order.
-    names = list(steps)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(warmup + rounds):
-        order = names[i % len(names) :] + names[: i % len(names)]
-        for name in order:
-            started = time.perf_counter()
-            steps[name]()
-            elapsed = time.perf_counter() - started
-            if i >= warmup:
-                times[name].append(elapsed)
+    # (median ms, min ms) per name.
+    times = interleaved_times(steps, rounds, warmup)
     medians = {n: 1e3 * statistics.median(t) for n, t in times.items()}
     return medians, {n: 1e3 * min(t) for n, t in times.items()}
 
