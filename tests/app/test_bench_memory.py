@@ -47,3 +47,13 @@ def test_bad_arguments_are_refused(capsys):
     assert cli.main(["bench", "memory", "--states", "int4"]) == 2
     assert cli.main(["bench", "memory", "--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+def test_a_failed_run_is_one_message_not_a_traceback(monkeypatch, capsys):
+    def failing(state, layout, steps):
+        raise RuntimeError(f"memory run for state={state!r} failed:\nMemoryError")
+
+    monkeypatch.setattr(bench_memory, "measure", failing)
+    assert cli.main(["bench", "memory", "--states", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "memory run for state='int8' failed" in err and "Traceback" not in err

@@ -145,7 +145,10 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     print(f"{'state':<16}{'state B/param':>14}{'RSS B/param':>13}{'peak RSS MB':>13}")
     for state in args.states:
-        row = measure(state, args.layout, args.steps)
+        try:
+            row = measure(state, args.layout, args.steps)
+        except RuntimeError as error:  # the child's own traceback is in the message
+            raise SystemExit(f"adamkit bench memory: error: {error}") from None
         rows.append(row)
         print(
             f"{state:<16}{row['state_bytes_per_param']:>14.3f}"
